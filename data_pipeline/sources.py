@@ -1,0 +1,285 @@
+"""Dataset sources: IDX folder, Kaggle-style CSV folder, NPZ file, vendored default.
+
+Every loader returns a validated `Dataset` of uint8 N×28×28 images and int32 labels
+0..K-1, or raises one `DataError` naming the file and the fault.
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline import validate
+from data_pipeline.errors import DataError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VENDORED_DIR = PROJECT_ROOT / "data" / "fashion-mnist"
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# The official files' sha256 (data/fashion-mnist/README.md).
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
+# IDX roles and the file names accepted for each (gzipped or not; MNIST's dotted names).
+IDX_NAMES = {
+    "x_train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "y_train": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    "x_test": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    "y_test": ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+}
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A validated image-classification dataset.
+
+    Attributes:
+        x_train, y_train, x_test, y_test: uint8 N×28×28 images and int32 labels.
+        class_names: One name per class, index = label.
+        source: How it was found ("vendored", "idx", "csv", "npz", "keras-cache").
+        path: The file or folder it was read from.
+        checksum: sha256 over the source files, in a fixed order.
+        checksum_status: "verified" (matches official sha256), or "computed" (no reference).
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple
+    source: str
+    path: str
+    checksum: str
+    checksum_status: str
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def summary(self):
+        """A JSON-friendly description (no arrays)."""
+        return {
+            "source": self.source,
+            "path": self.path,
+            "train": int(len(self.x_train)),
+            "test": int(len(self.x_test)),
+            "image_shape": list(self.x_train.shape[1:]),
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "train_per_class": np.bincount(self.y_train, minlength=self.num_classes).tolist(),
+            "test_per_class": np.bincount(self.y_test, minlength=self.num_classes).tolist(),
+            "checksum": self.checksum,
+            "checksum_status": self.checksum_status,
+        }
+
+
+def load_dataset(path=None):
+    """Loads and validates a dataset.
+
+    Args:
+        path: A folder with the four IDX files, a folder with `*train*.csv` and
+            `*test*.csv`, an `.npz` file, or None for the vendored Fashion-MNIST.
+
+    Returns:
+        A `Dataset`.
+    """
+    if path is None:
+        return _load_default()
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return _load_npz(path)
+        raise DataError(path, "unsupported file: give an .npz file or a folder of IDX or CSV files")
+    if _find_idx_files(path):
+        return _load_idx(path, source="idx")
+    if _find_csv_pair(path):
+        return _load_csv(path)
+    raise DataError(
+        path,
+        "no known dataset layout: expected the four IDX files "
+        "(train-images-idx3-ubyte[.gz], ...), one *train*.csv and one *test*.csv, or an .npz file",
+    )
+
+
+def _load_default():
+    if VENDORED_DIR.is_dir() and _find_idx_files(VENDORED_DIR):
+        dataset = _load_idx(VENDORED_DIR, source="vendored")
+        if dataset.checksum_status != "verified":
+            raise DataError(VENDORED_DIR, "vendored Fashion-MNIST files do not match their official sha256")
+        return dataset
+    cache_dir = Path.home() / ".keras" / "datasets" / "fashion-mnist"
+    if not (cache_dir.is_dir() and _find_idx_files(cache_dir)):
+        try:
+            import keras
+
+            keras.datasets.fashion_mnist.load_data()
+        except Exception:  # offline: no download possible
+            raise DataError(
+                VENDORED_DIR,
+                "Fashion-MNIST not found and could not be downloaded: put the four official "
+                "*-ubyte.gz files in data/fashion-mnist/ (see its README)",
+            ) from None
+    return _load_idx(cache_dir, source="keras-cache")
+
+
+def _find_idx_files(folder):
+    """Maps each IDX role to its file in `folder`, or returns None if any is absent."""
+    found = {}
+    for role, stems in IDX_NAMES.items():
+        candidates = [folder / (s + ext) for s in stems for ext in (".gz", "")]
+        existing = [c for c in candidates if c.is_file()]
+        if not existing:
+            return None
+        found[role] = existing[0]
+    return found
+
+
+def _load_idx(folder, source):
+    files = _find_idx_files(folder)
+    x_train = validate.parse_idx(files["x_train"], expect_images=True)
+    y_train = validate.parse_idx(files["y_train"], expect_images=False)
+    x_test = validate.parse_idx(files["x_test"], expect_images=True)
+    y_test = validate.parse_idx(files["y_test"], expect_images=False)
+    digests = {role: _sha256(p) for role, p in files.items()}
+    official = all(
+        FASHION_MNIST_SHA256.get(files[role].name) == digest for role, digest in digests.items()
+    )
+    return _assemble(
+        x_train, y_train, x_test, y_test, files, folder, source, digests,
+        status="verified" if official else "computed",
+        is_fashion_mnist=official,
+    )
+
+
+def _find_csv_pair(folder):
+    train = sorted(p for p in folder.glob("*.csv") if "train" in p.name.lower())
+    test = sorted(p for p in folder.glob("*.csv") if "test" in p.name.lower())
+    if not train and not test:
+        return None
+    if len(train) != 1 or len(test) != 1:
+        raise DataError(
+            folder,
+            f"expected exactly one *train*.csv and one *test*.csv, found {len(train)} and {len(test)}",
+        )
+    return {"train": train[0], "test": test[0]}
+
+
+def _load_csv(folder):
+    files = _find_csv_pair(folder)
+    train_cols, x_train, y_train = _read_csv(files["train"])
+    test_cols, x_test, y_test = _read_csv(files["test"])
+    if test_cols != train_cols:
+        raise DataError(
+            files["test"], f"columns differ from {files['train'].name} ({len(test_cols)} vs {len(train_cols)})"
+        )
+    files = {"x_train": files["train"], "x_test": files["test"]}
+    digests = {role: _sha256(p) for role, p in files.items()}
+    return _assemble(
+        x_train, y_train, x_test, y_test,
+        {"x_train": files["x_train"], "y_train": files["x_train"],
+         "x_test": files["x_test"], "y_test": files["x_test"]},
+        folder, "csv", digests, status="computed",
+        is_fashion_mnist="fashion" in str(folder).lower(),
+    )
+
+
+def _read_csv(path):
+    """Reads a Kaggle-format CSV: header `label,pixel1..pixel784`, one image per row."""
+    import pandas as pd
+
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty")
+    try:
+        frame = pd.read_csv(path, low_memory=False)
+    except UnicodeDecodeError:
+        raise DataError(path, "not a text CSV file (binary content)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise DataError(path, f"not a valid CSV file ({str(e).splitlines()[0]})") from None
+    columns = [str(c).strip() for c in frame.columns]
+    if "label" not in columns:
+        raise DataError(path, "no 'label' column in the header")
+    if len(frame) == 0:
+        raise DataError(path, "header only, no rows")
+    frame.columns = columns
+    pixel_cols = [c for c in columns if c != "label"]
+    if len(pixel_cols) != validate.IMAGE_SIDE**2:
+        raise DataError(path, f"{len(pixel_cols)} pixel columns, expected 784")
+    for column in columns:
+        values = frame[column]
+        if values.isna().any():
+            row = int(np.flatnonzero(values.isna().to_numpy())[0])
+            raise DataError(path, _describe_missing(path, row, column, len(columns)))
+        if not pd.api.types.is_numeric_dtype(values):
+            numeric = pd.to_numeric(values, errors="coerce")
+            row = int(np.flatnonzero(numeric.isna().to_numpy())[0])
+            raise DataError(path, f"line {row + 2} column '{column}': non-numeric value {values.iloc[row]!r}")
+    images = validate.as_images(frame[pixel_cols].to_numpy(), path)
+    labels = validate.as_labels(frame["label"].to_numpy(), path, len(images))
+    return columns, images, labels
+
+
+def _describe_missing(path, row, column, num_fields):
+    line_no = row + 2  # 1-based, after the header
+    with open(path, errors="replace") as f:
+        line = next(itertools.islice(f, line_no - 1, None), "")
+    fields = line.rstrip("\r\n").split(",")
+    if len(fields) < num_fields:
+        return f"line {line_no}: short row ({len(fields)} of {num_fields} fields)"
+    return f"line {line_no} column '{column}': empty value"
+
+
+def _load_npz(path):
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise DataError(path, f"not a valid .npz file ({e})") from None
+    with archive:
+        missing = [k for k in NPZ_KEYS if k not in archive.files]
+        if missing:
+            raise DataError(path, f"missing arrays {missing}; expected {list(NPZ_KEYS)}")
+        try:
+            arrays = {k: archive[k] for k in NPZ_KEYS}
+        except (ValueError, zipfile.BadZipFile, OSError, EOFError) as e:
+            raise DataError(path, f"unreadable array in .npz ({e})") from None
+    digests = {"npz": _sha256(path)}
+    return _assemble(
+        arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+        dict.fromkeys(NPZ_KEYS, path), path, "npz", digests, status="computed",
+        is_fashion_mnist="fashion" in path.name.lower(),
+    )
+
+
+def _assemble(x_train, y_train, x_test, y_test, files, path, source, digests, status, is_fashion_mnist):
+    x_train = validate.as_images(x_train, files["x_train"])
+    x_test = validate.as_images(x_test, files["x_test"])
+    y_train = validate.as_labels(y_train, files["y_train"], len(x_train))
+    y_test = validate.as_labels(y_test, files["y_test"], len(x_test))
+    num_classes = validate.check_classes(y_train, y_test, files["y_train"], files["y_test"])
+    folder = path if Path(path).is_dir() else Path(path).parent
+    if (folder / "classes.txt").is_file():
+        class_names = validate.read_class_names(folder / "classes.txt", num_classes)
+    elif is_fashion_mnist and num_classes == len(FASHION_MNIST_CLASSES):
+        class_names = FASHION_MNIST_CLASSES
+    else:
+        class_names = tuple(str(i) for i in range(num_classes))
+    checksum = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    return Dataset(
+        x_train, y_train, x_test, y_test, class_names, source, str(path), checksum, status
+    )
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

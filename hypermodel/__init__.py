@@ -1,0 +1,1 @@
+"""The HyperModel: backbone registry, search space, schedules and model building."""

@@ -1,0 +1,212 @@
+"""The backbone registry: everything the tool knows about each ImageNet CNN.
+
+Each entry knows its `keras.applications` constructor, its `preprocess_input`, its
+minimum input size, where its graph can be cut into blocks, and its ImageNet weight
+file. Weights resolve offline-first: vendored `weights/`, then the Keras cache, then
+a download.
+"""
+
+import dataclasses
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+
+import keras
+
+from data_pipeline.errors import DataError, UsageError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VENDORED_WEIGHTS = PROJECT_ROOT / "weights"
+KERAS_APPS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """One registry entry.
+
+    Attributes:
+        name: Registry key, e.g. "mobilenet_v2_0.5".
+        constructor: The `keras.applications` function.
+        preprocess_input: Its `preprocess_input` (applied per batch in tf.data).
+        block_pattern: Regex over layer names; group 1 names a block, and the last
+            matching layer of each block is where the graph can be cut without
+            splitting a residual (or dense) connection. The model's output closes
+            the last block.
+        weight_file: Keras's no-top ImageNet file name (trained at 224 px).
+        weight_url: Where Keras downloads it from.
+        min_size: Smallest input side the constructor accepts.
+        kwargs: Extra constructor arguments (e.g. alpha).
+    """
+
+    name: str
+    constructor: object
+    preprocess_input: object
+    block_pattern: str
+    weight_file: str
+    weight_url: str
+    min_size: int = 32
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def build(self, resolution, weights="imagenet"):
+        """Builds the no-top backbone at `resolution`.
+
+        Args:
+            resolution: Input side in pixels (≥ `min_size`).
+            weights: "imagenet" or "none".
+        """
+        if resolution < self.min_size:
+            raise UsageError(f"{self.name} needs inputs of at least {self.min_size} px, got {resolution}")
+        model = self.constructor(
+            input_shape=(resolution, resolution, 3), include_top=False, weights=None, **self.kwargs
+        )
+        if weights == "imagenet":
+            # No-top weights do not depend on the input size, so the 224 file loads at any size.
+            model.load_weights(resolve_weights(self))
+        elif weights != "none":
+            raise UsageError(f"weights must be 'imagenet' or 'none', got {weights!r}")
+        return model
+
+    def block_ends(self, model):
+        """Names of the layers that end each block, bottom to top (last = model output)."""
+        last_of_block = {}
+        for layer in model.layers:
+            match = re.match(self.block_pattern, layer.name)
+            if match:
+                last_of_block[match.group(1)] = layer.name
+        ends = list(last_of_block.values())
+        if ends[-1] != model.layers[-1].name:
+            ends.append(model.layers[-1].name)
+        return ends
+
+
+def _mobilenet_v2(alpha):
+    return Backbone(
+        name=f"mobilenet_v2_{alpha}",
+        constructor=keras.applications.MobileNetV2,
+        preprocess_input=keras.applications.mobilenet_v2.preprocess_input,
+        block_pattern=r"^(expanded_conv|block_\d+)_(project_BN|add)$",
+        weight_file=f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_224_no_top.h5",
+        weight_url=KERAS_APPS_URL + "mobilenet_v2/",
+        kwargs={"alpha": float(alpha)},
+    )
+
+
+REGISTRY = {
+    b.name: b
+    for b in [
+        _mobilenet_v2("0.35"),
+        _mobilenet_v2("0.5"),
+        _mobilenet_v2("1.0"),
+        Backbone(
+            name="mobilenet_v3_small",
+            constructor=keras.applications.MobileNetV3Small,
+            preprocess_input=keras.applications.mobilenet_v3.preprocess_input,
+            block_pattern=r"^(expanded_conv(?:_\d+)?)_(project_bn|add)$",
+            weight_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+            weight_url=KERAS_APPS_URL + "mobilenet_v3/",
+        ),
+        Backbone(
+            name="efficientnet_b0",
+            constructor=keras.applications.EfficientNetB0,
+            preprocess_input=keras.applications.efficientnet.preprocess_input,
+            block_pattern=r"^(block\d[a-z])_(project_bn|add)$",
+            weight_file="efficientnetb0_notop.h5",
+            weight_url="https://storage.googleapis.com/keras-applications/",
+        ),
+        Backbone(
+            name="resnet50",
+            constructor=keras.applications.ResNet50,
+            preprocess_input=keras.applications.resnet50.preprocess_input,
+            block_pattern=r"^(conv\d_block\d+)_out$",
+            weight_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weight_url=KERAS_APPS_URL + "resnet/",
+        ),
+        Backbone(
+            name="densenet121",
+            constructor=keras.applications.DenseNet121,
+            preprocess_input=keras.applications.densenet.preprocess_input,
+            block_pattern=r"^(conv\d_block\d+|pool\d)_(concat|pool)$",
+            weight_file="densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weight_url=KERAS_APPS_URL + "densenet/",
+        ),
+        Backbone(
+            name="vgg16",
+            constructor=keras.applications.VGG16,
+            preprocess_input=keras.applications.vgg16.preprocess_input,
+            block_pattern=r"^(block\d)_pool$",
+            weight_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weight_url=KERAS_APPS_URL + "vgg16/",
+        ),
+    ]
+}
+
+
+def get_backbone(name):
+    """Looks a backbone up by name; the error lists the known names."""
+    if name not in REGISTRY:
+        raise UsageError(f"unknown backbone {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def keras_cache_dir():
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def find_weights(backbone):
+    """The local path of a backbone's ImageNet weights, or None (never downloads)."""
+    for folder in (VENDORED_WEIGHTS, keras_cache_dir()):
+        path = folder / backbone.weight_file
+        if path.is_file() and path.stat().st_size > 0:
+            return path
+    return None
+
+
+def resolve_weights(backbone, download_timeout=10):
+    """Finds a backbone's weights offline-first, downloading into the Keras cache last.
+
+    Raises:
+        DataError: naming the missing file and where to put it, when offline.
+    """
+    path = find_weights(backbone)
+    if path is not None:
+        return path
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(download_timeout)
+    try:
+        return Path(
+            keras.utils.get_file(
+                backbone.weight_file, backbone.weight_url + backbone.weight_file, cache_subdir="models"
+            )
+        )
+    except Exception:
+        raise DataError(
+            VENDORED_WEIGHTS / backbone.weight_file,
+            f"ImageNet weights for {backbone.name} not found and not downloadable (offline?): "
+            f"put {backbone.weight_file} in weights/ or {keras_cache_dir()}/",
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def usable_backbones(names, explicit):
+    """Keeps the backbones whose ImageNet weights can be had (offline or by download).
+
+    Args:
+        names: Backbone names.
+        explicit: True when the user named them (a missing file is then an error);
+            False for a profile's default list (missing ones are dropped with a warning).
+    """
+    usable = []
+    for name in names:
+        try:
+            resolve_weights(get_backbone(name))
+            usable.append(name)
+        except DataError as e:
+            if explicit:
+                raise
+            print(f"warning: dropping {name} from the search: {e.fault}", file=sys.stderr)
+    if not usable:
+        raise DataError(VENDORED_WEIGHTS, f"no ImageNet weights available for any of {list(names)}")
+    return tuple(usable)

@@ -1,0 +1,109 @@
+"""The search space, top to bottom. This is the one file to read to know what is searched.
+
+Every trial is one `TrialConfig`. Which values each hyperparameter may take comes from
+`SearchChoices`, which the profile (`tuning/profiles.py`) and the CLI fill in; a choice
+list with one value becomes a fixed hyperparameter.
+"""
+
+import dataclasses
+
+from data_pipeline.pipeline import AUGMENTATIONS
+
+LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
+OPTIMIZERS = ("adam", "adamw")
+POOLINGS = ("avg", "flatten")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchChoices:
+    """The values each hyperparameter may take.
+
+    Attributes:
+        backbones: Registry names (hypermodel/backbones.py).
+        resolutions: Input sides in px; the biggest cost lever on a CPU.
+        unfrozen_blocks: How many top backbone blocks train (0 = head only). Clipped
+            to the backbone's block count minus its stem.
+        poolings: Head pooling: "avg" (global average) or "flatten" (the seed's head).
+        dense_units: (min, max) width of the dense head layer, log scale, powers of 2.
+        dropout: (min, max) dropout before and after the dense layer, step 0.1.
+        learning_rate: (min, max) initial learning rate, log-uniform.
+        lr_schedules: Subset of LR_SCHEDULES.
+        warmup_epochs: Linear warmup lengths to choose from.
+        optimizers: Subset of OPTIMIZERS.
+        augmentations: Subset of data_pipeline.pipeline.AUGMENTATIONS. Trials that
+            augment run end to end: the feature cache only serves "none".
+    """
+
+    backbones: tuple = ("mobilenet_v2_0.35", "mobilenet_v2_0.5")
+    resolutions: tuple = (64, 96)
+    unfrozen_blocks: tuple = (0, 2, 6)
+    poolings: tuple = ("avg",)
+    dense_units: tuple = (64, 1024)
+    dropout: tuple = (0.0, 0.5)
+    learning_rate: tuple = (1e-4, 3e-3)
+    lr_schedules: tuple = LR_SCHEDULES
+    warmup_epochs: tuple = (0, 1)
+    optimizers: tuple = OPTIMIZERS
+    augmentations: tuple = ("none",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialConfig:
+    """One point of the search space: everything needed to build and train a model."""
+
+    backbone: str
+    resolution: int
+    unfrozen_blocks: int
+    pooling: str
+    dense_units: int
+    dropout: float
+    learning_rate: float
+    lr_schedule: str
+    warmup_epochs: int
+    optimizer: str
+    augmentation: str
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _choice(hp, name, values):
+    values = list(values)
+    if len(values) == 1:
+        return hp.Fixed(name, values[0])
+    return hp.Choice(name, values)
+
+
+def declare(hp, choices):
+    """Declares the search space on `hp` and returns the trial's `TrialConfig`.
+
+    Args:
+        hp: A `keras_tuner.HyperParameters`.
+        choices: A `SearchChoices`.
+    """
+    return TrialConfig(
+        # What to transfer from, and at which input size.
+        backbone=_choice(hp, "backbone", choices.backbones),
+        resolution=_choice(hp, "resolution", choices.resolutions),
+        # How much of it to fine-tune. BatchNorm always stays frozen, in inference mode.
+        unfrozen_blocks=_choice(hp, "unfrozen_blocks", choices.unfrozen_blocks),
+        # The new classification head.
+        pooling=_choice(hp, "pooling", choices.poolings),
+        dense_units=hp.Int("dense_units", *choices.dense_units, step=2, sampling="log"),
+        dropout=hp.Float("dropout", *choices.dropout, step=0.1),
+        # How to train it.
+        learning_rate=hp.Float("learning_rate", *choices.learning_rate, sampling="log"),
+        lr_schedule=_choice(hp, "lr_schedule", choices.lr_schedules),
+        warmup_epochs=_choice(hp, "warmup_epochs", choices.warmup_epochs),
+        optimizer=_choice(hp, "optimizer", choices.optimizers),
+        augmentation=_choice(hp, "augmentation", choices.augmentations),
+    )
+
+
+def config_from_values(values):
+    """Rebuilds a `TrialConfig` from saved hyperparameter values (best_hparams.json)."""
+    fields = {f.name for f in dataclasses.fields(TrialConfig)}
+    missing = sorted(fields - set(values))
+    if missing:
+        raise KeyError(f"missing hyperparameters {missing}")
+    return TrialConfig(**{k: values[k] for k in fields})

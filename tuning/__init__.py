@@ -1,0 +1,1 @@
+"""Search, retrain, export and report: everything that runs on a run directory."""

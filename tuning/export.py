@@ -1,0 +1,92 @@
+"""Export: a SavedModel that takes raw uint8 images, checked against the Keras model.
+
+The `serving_default` signature takes `images` uint8 [batch, 28, 28] and does
+gray→RGB, resize and the backbone's preprocessing inside (the same
+`prepare_images` the training pipeline uses), so a server needs nothing from this
+project. It returns `probabilities` float32 [batch, K], `class_id` int64 [batch]
+and `class_name` string [batch].
+"""
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from data_pipeline import atomic
+from data_pipeline.errors import UsageError
+from data_pipeline.pipeline import prepare_images
+from hypermodel.backbones import get_backbone
+from tuning.retrain import read_best
+
+PARITY_IMAGES = 512
+PARITY_TOLERANCE = 1e-5
+
+
+class ParityError(RuntimeError):
+    """The reloaded SavedModel disagrees with the in-memory model."""
+
+
+def load_trained_model(run_dir):
+    path = Path(run_dir) / "model.keras"
+    if not path.is_file():
+        raise UsageError(f"{path} not found: run `python search.py retrain` first")
+    return keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+def serving_function(model, resolution, preprocess_input, class_names):
+    """The raw-uint8 → {probabilities, class_id, class_name} function that gets exported."""
+    names = tf.constant(list(class_names))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="images")])
+    def serve(images):
+        probabilities = tf.cast(model(prepare_images(images, resolution, preprocess_input), training=False), tf.float32)
+        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        return {"probabilities": probabilities, "class_id": class_id, "class_name": tf.gather(names, class_id)}
+
+    return serve
+
+
+def export(run_dir, dataset, log=print):
+    """Writes `run_dir/export/` atomically, after a parity check on the reloaded copy.
+
+    Returns:
+        The parity record, also stored in metrics.json under "export".
+    """
+    run_dir = Path(run_dir)
+    _, config = read_best(run_dir)
+    model = load_trained_model(run_dir)
+    backbone = get_backbone(config.backbone)
+    serve = serving_function(model, config.resolution, backbone.preprocess_input, dataset.class_names)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve)
+    images = dataset.x_test[:PARITY_IMAGES]
+    with atomic.directory(run_dir / "export") as tmp:
+        archive.write_out(str(tmp), verbose=False)
+        parity = check_parity(tmp, model, images, config.resolution, backbone.preprocess_input)
+        if not parity["passed"]:
+            raise ParityError(f"exported model disagrees with the trained one: {parity}")
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics["export"] = {"dir": str(run_dir / "export"), **parity}
+    atomic.write_json(metrics_path, metrics)
+    log(f"exported {run_dir / 'export'} (parity on {parity['images']} images: max |Δp| "
+        f"{parity['max_abs_diff']:.2e}, same classes: {parity['same_classes']})")
+    return parity
+
+
+def check_parity(export_dir, model, images, resolution, preprocess_input):
+    """Compares the reloaded SavedModel's probabilities with the Keras model's."""
+    reloaded = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    served = reloaded(images=tf.constant(images))["probabilities"].numpy()
+    expected = model.predict(prepare_images(images, resolution, preprocess_input), verbose=0)
+    diff = float(np.abs(served - expected).max())
+    same = bool(np.array_equal(served.argmax(1), expected.argmax(1)))
+    return {
+        "images": int(len(images)),
+        "max_abs_diff": diff,
+        "same_classes": same,
+        "passed": diff <= PARITY_TOLERANCE and same,
+    }

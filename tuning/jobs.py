@@ -1,0 +1,169 @@
+"""What each subcommand does, top to bottom. `tuning/cli.py` parses; this runs."""
+
+import json
+import time
+from pathlib import Path
+
+from data_pipeline import load_dataset
+from data_pipeline import atomic
+
+TOP_N = 5
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def show_data(path):
+    """`search.py data`: load, validate and summarise a dataset."""
+    summary = load_dataset(path).summary()
+    log(f"source:      {summary['source']} ({summary['path']})")
+    log(f"train/test:  {summary['train']} / {summary['test']} images (before the validation split)")
+    log(f"image shape: {'x'.join(map(str, summary['image_shape']))} grayscale uint8")
+    log(f"classes:     {summary['num_classes']}")
+    width = max(len(n) for n in summary["class_names"])
+    for i, name in enumerate(summary["class_names"]):
+        log(f"  {i:>3} {name:<{width}}  train {summary['train_per_class'][i]:>6}  test {summary['test_per_class'][i]:>6}")
+    status = {"verified": "verified against the official sha256", "computed": "computed (no reference to verify)"}
+    log(f"checksum:    {summary['checksum']} ({status[summary['checksum_status']]})")
+    return 0
+
+
+def _setup(settings):
+    """Loads the data (refusing bad input before anything is written) and the run dir."""
+    from tuning.run import training_data
+
+    dataset = load_dataset(settings.data)
+    if settings.mixed_precision:
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    return dataset, training_data(dataset, settings)
+
+
+def search(settings, overwrite=False):
+    """`search.py search`: run or resume the search; print the top trials."""
+    from data_pipeline.feature_cache import FeatureCache
+    from tuning.run import prepare_run_dir
+    from tuning.tuner import run_search
+
+    dataset, data = _setup(settings)
+    run_dir = prepare_run_dir(settings, dataset, overwrite=overwrite)
+    log(f"run dir: {run_dir}")
+    log(f"watch it: python search.py tensorboard --run-dir {run_dir}   "
+        f"(or: tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1)")
+    log(f"profile {settings.profile}: {settings.tuner} over {', '.join(settings.choices.backbones)} at "
+        f"{', '.join(map(str, settings.choices.resolutions))} px; {len(data.x_train)} train / "
+        f"{len(data.x_val)} validation images; budget "
+        + (f"{settings.time_budget_s / 60:.1f} min" if settings.time_budget_s else "none"))
+    cache = None
+    if settings.feature_cache:
+        cache = FeatureCache(run_dir / "feature_cache", budget_mb=settings.cache_budget_mb, log=log)
+    started = time.time()
+    result = run_search(settings, data, run_dir, feature_cache=cache, log=log)
+    _record_stage(run_dir, "search", time.time() - started)
+    if result["stopped_by_budget"]:
+        log("time budget reached: search stopped cleanly; rerun the same command to continue it")
+    log(f"{result['trials']} trials ({result['completed']} completed). Top {TOP_N}:")
+    from tuning.leaderboard import top
+
+    log(top(result["leaderboard"], TOP_N).to_string(index=False, columns=[
+        "trial_id", "backbone", "resolution", "unfrozen_blocks", "dense_units", "dropout",
+        "learning_rate", "lr_schedule", "val_accuracy", "epochs", "seconds"]))
+    if result["best"] is None:
+        raise RuntimeError("the search completed no trial: see the error column of leaderboard.csv")
+    return 0
+
+
+def _record_stage(run_dir, stage, seconds):
+    """Adds a stage's wall time to `timings.json` (read by the report)."""
+    path = Path(run_dir) / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[stage] = round(timings.get(stage, 0) + seconds, 1)
+    atomic.write_json(path, timings)
+
+
+def _reopen(run_dir):
+    """Settings, dataset and retrain data of an existing run, verified against config.json."""
+    from data_pipeline.errors import UsageError
+    from tuning.run import RunSettings, read_config, training_data
+
+    record = read_config(run_dir)
+    settings = RunSettings.from_dict(record["settings"])
+    dataset, _ = _setup(settings)
+    if dataset.checksum != record["data"]["checksum"]:
+        raise UsageError(f"the data at {settings.data or 'data/fashion-mnist'} changed since {run_dir} was searched")
+    import dataclasses
+
+    # The final model trains on the whole training split (the search may have used a subset).
+    retrain_settings = dataclasses.replace(settings, train_subset=settings.retrain_subset, val_subset=None)
+    return settings, dataset, training_data(dataset, retrain_settings)
+
+
+def retrain(run_dir, epochs=None, verbose=0):
+    """`search.py retrain`: two-phase retrain of the best trial, then the test evaluation."""
+    from data_pipeline.feature_cache import FeatureCache
+    from tuning.retrain import read_best, retrain as retrain_best
+
+    read_best(run_dir)  # refuse a bad best_hparams.json before loading anything
+    settings, dataset, data = _reopen(run_dir)
+    settings.verbose = max(settings.verbose, verbose)
+    cache = FeatureCache(Path(run_dir) / "feature_cache", settings.cache_budget_mb, log=log) if settings.feature_cache else None
+    started = time.time()
+    retrain_best(run_dir, settings, dataset, data, epochs=epochs or settings.epochs, feature_cache=cache, log=log)
+    _record_stage(run_dir, "retrain", time.time() - started)
+    return 0
+
+
+def export(run_dir):
+    """`search.py export`: SavedModel with a raw-uint8 signature, parity-checked."""
+    from tuning.export import export as export_model
+    from tuning.retrain import read_best
+
+    read_best(run_dir)
+    _, dataset, _ = _reopen(run_dir)
+    started = time.time()
+    export_model(run_dir, dataset, log=log)
+    _record_stage(run_dir, "export", time.time() - started)
+    return 0
+
+
+def report(run_dir):
+    """`search.py report`: report.md with leaderboard, curves, confusion matrix."""
+    from tuning.report import write_report
+    from tuning.run import read_config
+
+    read_config(run_dir)
+    write_report(run_dir, log=log)
+    return 0
+
+
+def predict(model_dir, inputs, output=None):
+    from tuning.predict import predict as predict_images
+
+    predict_images(model_dir, inputs, output, log=log)
+    return 0
+
+
+def tensorboard(run_dir, host, port):
+    from tuning.board import serve
+    from tuning.run import read_config
+
+    read_config(run_dir)
+    serve(run_dir, host, port, log=log)
+    return 0
+
+
+def whole_job(settings, overwrite=False):
+    """`search.py`: search → retrain → export → report into one run dir."""
+    started = time.time()
+    search(settings, overwrite=overwrite)
+    run_dir = Path(settings.run_dir)
+    retrain(run_dir, epochs=settings.epochs)
+    export(run_dir)
+    report(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    log(f"done in {(time.time() - started) / 60:.1f} min: test accuracy {metrics['test_accuracy']:.4f}; "
+        f"model {run_dir / 'export'}; report {run_dir / 'report.md'}; "
+        f"TensorBoard: python search.py tensorboard --run-dir {run_dir}")
+    return 0

@@ -1,0 +1,104 @@
+"""leaderboard.csv and best_hparams.json, rebuilt from what is on disk.
+
+The sources are KerasTuner's own `tuner/trial_*/trial.json` (status, hyperparameters,
+score; written by the oracle, the chief in distributed mode) and this tool's
+`trials/<trial_id>.json` (worker, seconds, epochs, error; written by whichever
+process ran the trial). Any process can therefore rebuild both files at any time,
+and every rewrite is atomic.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from data_pipeline import atomic
+
+COLUMNS = [
+    "trial_id", "status", "worker", "backbone", "resolution", "unfrozen_blocks", "pooling",
+    "dense_units", "dropout", "learning_rate", "lr_schedule", "val_accuracy", "epochs",
+    "seconds", "error",
+]
+EXTRA_COLUMNS = ["optimizer", "warmup_epochs", "augmentation", "fit_mode", "bracket", "round", "best_epoch"]
+ENDED = ("COMPLETED", "FAILED", "INVALID")
+
+
+def trial_records(run_dir):
+    """One dict per ended trial, ordered by trial id."""
+    run_dir = Path(run_dir)
+    rows = []
+    for path in sorted((run_dir / "tuner").glob("trial_*/trial.json")):
+        try:
+            trial = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a trial being written by another process; picked up next rewrite
+        if trial.get("status") not in ENDED:
+            continue
+        values = trial["hyperparameters"]["values"]
+        record = _read_json(run_dir / "trials" / f"{trial['trial_id']}.json")
+        completed = trial["status"] == "COMPLETED"
+        row = {k: values.get(k) for k in COLUMNS + EXTRA_COLUMNS if k in values}
+        row.update(
+            trial_id=trial["trial_id"],
+            status=trial["status"],
+            worker=record.get("worker", ""),
+            val_accuracy=trial.get("score") if completed else None,
+            epochs=record.get("epochs"),
+            seconds=record.get("seconds"),
+            error="" if completed else _last_line(trial.get("message") or record.get("error", "")),
+            fit_mode=record.get("fit_mode", ""),
+            bracket=values.get("tuner/bracket"),
+            round=values.get("tuner/round"),
+            best_epoch=(trial.get("best_step") or 0) + 1 if completed else None,
+        )
+        rows.append(row)
+    return rows
+
+
+def write(run_dir):
+    """Rewrites leaderboard.csv and best_hparams.json; returns the leaderboard frame."""
+    run_dir = Path(run_dir)
+    frame = pd.DataFrame(trial_records(run_dir), columns=COLUMNS + EXTRA_COLUMNS)
+    atomic.write_text(run_dir / "leaderboard.csv", frame.to_csv(index=False))
+    best = best_trial(frame)
+    if best is not None:
+        atomic.write_json(run_dir / "best_hparams.json", best)
+    return frame
+
+
+def best_trial(frame):
+    """The completed trial with the highest val_accuracy (earliest on ties), as JSON."""
+    done = frame[frame["status"] == "COMPLETED"].dropna(subset=["val_accuracy"])
+    if done.empty:
+        return None
+    row = done.sort_values(["val_accuracy", "trial_id"], ascending=[False, True]).iloc[0]
+    from hypermodel.space import TrialConfig
+
+    names = [f for f in TrialConfig.__dataclass_fields__]
+    return {
+        "trial_id": str(row["trial_id"]),
+        "val_accuracy": float(row["val_accuracy"]),
+        "epochs": int(row["best_epoch"]),
+        "hyperparameters": {k: _plain(row[k]) for k in names},
+    }
+
+
+def top(frame, n=5):
+    done = frame[frame["status"] == "COMPLETED"]
+    return done.sort_values(["val_accuracy", "trial_id"], ascending=[False, True]).head(n)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _last_line(message):
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -1,0 +1,110 @@
+"""Profiles: honest defaults for the machine at hand. Explicit CLI flags override them.
+
+- smoke: a complete search in ≤ 3 minutes on a 2-core CPU (tests, first look).
+- cpu:   the default without a GPU: the offline MobileNetV2 weights, small inputs,
+         the feature cache doing most of the work.
+- gpu:   selected when a GPU is visible: big backbones up to 224 px, mixed precision.
+"""
+
+import dataclasses
+
+from hypermodel.space import SearchChoices
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Everything a profile decides.
+
+    Attributes:
+        name: Profile name.
+        choices: The `SearchChoices` searched.
+        tuner: "hyperband", "random" or "bayesian".
+        max_epochs, factor, hyperband_iterations: Hyperband's budget.
+        max_trials: Trials for random/bayesian search.
+        time_budget_s: Search time budget in seconds (None = unbounded).
+        train_subset: Training images used (None = all), stratified.
+        val_subset: Validation images used (None = the whole validation split).
+        batch_size: Images per batch.
+        retrain_epochs: (phase 1, phase 2) epochs for the final retrain; None = from the search.
+        retrain_subset: Training images for the final retrain (None = the whole train split).
+        early_stopping_patience: Epochs without progress before a trial stops.
+        mixed_precision: Train in float16 with float32 variables.
+    """
+
+    name: str
+    choices: SearchChoices
+    tuner: str = "hyperband"
+    max_epochs: int = 4
+    factor: int = 3
+    hyperband_iterations: int = 1
+    max_trials: int = 10
+    time_budget_s: float = None
+    train_subset: int = None
+    val_subset: int = None
+    batch_size: int = 64
+    retrain_epochs: tuple = None
+    retrain_subset: int = None
+    early_stopping_patience: int = 2
+    mixed_precision: bool = False
+
+
+PROFILES = {
+    "smoke": Profile(
+        name="smoke",
+        choices=SearchChoices(
+            backbones=("mobilenet_v2_0.35", "mobilenet_v2_0.5"),
+            # 48 px, not 32: at 32 px MobileNetV2's output is 1×1 and accuracy caps near
+            # 70 %; with the feature cache 48 px costs about the same (benchmarks/RESULTS.md).
+            resolutions=(48,),
+            unfrozen_blocks=(0, 2, 5),
+            dense_units=(64, 256),
+            learning_rate=(5e-4, 3e-3),
+            lr_schedules=("constant", "cosine"),
+            warmup_epochs=(0,),
+        ),
+        max_epochs=2,
+        factor=2,
+        train_subset=2000,
+        val_subset=500,
+        retrain_epochs=(3, 3),
+        retrain_subset=4000,
+        time_budget_s=150,
+    ),
+    "cpu": Profile(
+        name="cpu",
+        choices=SearchChoices(
+            backbones=("mobilenet_v2_0.35", "mobilenet_v2_0.5", "mobilenet_v3_small", "efficientnet_b0"),
+            resolutions=(64, 96),
+            unfrozen_blocks=(0, 4, 17),
+            augmentations=("none", "flip_shift"),
+        ),
+        max_epochs=6,
+        factor=3,
+        train_subset=12000,
+        val_subset=3000,
+        time_budget_s=30 * 60,
+        retrain_epochs=None,
+    ),
+    "gpu": Profile(
+        name="gpu",
+        choices=SearchChoices(
+            backbones=("resnet50", "efficientnet_b0", "mobilenet_v2_1.0"),
+            resolutions=(96, 160, 224),
+            unfrozen_blocks=(0, 4, 10),
+            poolings=("avg", "flatten"),
+            augmentations=("none", "flip_shift", "flip_shift_erase"),
+        ),
+        max_epochs=12,
+        factor=3,
+        batch_size=128,
+        time_budget_s=20 * 60,
+        mixed_precision=True,
+    ),
+}
+
+
+def default_profile_name():
+    """'gpu' when TensorFlow sees a GPU, else 'cpu'."""
+    import tensorflow as tf
+
+    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"

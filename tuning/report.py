@@ -1,0 +1,132 @@
+"""report.md and its plots: why the winner won, how well it does, how to serve it."""
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from data_pipeline import atomic
+
+LEADERBOARD_COLUMNS = [
+    "trial_id", "backbone", "resolution", "unfrozen_blocks", "pooling", "dense_units", "dropout",
+    "learning_rate", "lr_schedule", "augmentation", "val_accuracy", "epochs", "seconds", "fit_mode",
+]
+
+
+def write_report(run_dir, log=print):
+    """Writes report.md, learning_curves.png (and reuses confusion_matrix.png)."""
+    run_dir = Path(run_dir)
+    config = _read(run_dir / "config.json")
+    metrics = _read(run_dir / "metrics.json")
+    best = _read(run_dir / "best_hparams.json")
+    timings = _read(run_dir / "timings.json")
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}) if (run_dir / "leaderboard.csv").exists() else pd.DataFrame()
+    if metrics:
+        plot_learning_curves(metrics, run_dir / "learning_curves.png")
+    data = config.get("data", {})
+    settings = config.get("settings", {})
+    lines = [f"# Transfer-learning search report: `{run_dir.name}`", ""]
+    if metrics:
+        lines += [f"**Test accuracy: {metrics['test_accuracy']:.4f}** on {metrics['test_images']} test images "
+                  f"(evaluated once, after retraining). Exported model: `{run_dir / 'export'}`.", ""]
+    lines += ["## Data", "",
+              f"- Source: {data.get('source')} (`{data.get('path')}`), checksum {data.get('checksum_status')} "
+              f"`{str(data.get('checksum'))[:16]}…`",
+              f"- {data.get('train')} training / {data.get('test')} test images, "
+              f"{data.get('num_classes')} classes: {', '.join(data.get('class_names', []))}",
+              f"- Validation: {settings.get('validation_fraction')} of train, stratified, seed {settings.get('seed')}; "
+              f"search used {settings.get('train_subset') or 'all'} training and {settings.get('val_subset') or 'all'} "
+              "validation images", ""]
+    lines += ["## Search", "",
+              f"Profile `{settings.get('profile')}`, tuner `{settings.get('tuner')}` (max_epochs "
+              f"{settings.get('max_epochs')}, factor {settings.get('factor')}), {len(board)} trials, "
+              f"{int((board.get('status') == 'COMPLETED').sum()) if len(board) else 0} completed.",
+              "Feature cache: " + ("on. Trials with `augmentation = none` train the top on cached frozen-prefix "
+                                   "activations (no random augmentation); augmented trials train end to end."
+                                   if settings.get("feature_cache") else "off (every trial end to end)."), "",
+              "### Top 10", ""]
+    if len(board):
+        done = board[board["status"] == "COMPLETED"].sort_values("val_accuracy", ascending=False).head(10)
+        lines += [markdown_table(done, [c for c in LEADERBOARD_COLUMNS if c in done.columns]), ""]
+        failed = board[board["status"] != "COMPLETED"]
+        if len(failed):
+            lines += [f"{len(failed)} trial(s) failed: " + "; ".join(
+                f"{r.trial_id}: {r.error}" for r in failed.itertuples()), ""]
+    if best:
+        lines += ["### Best hyperparameters", "", f"Trial `{best['trial_id']}`, val_accuracy {best['val_accuracy']:.4f}:", "",
+                  markdown_table(pd.DataFrame([best["hyperparameters"]]), list(best["hyperparameters"])), ""]
+    if metrics:
+        lines += ["## Retraining", ""]
+        for phase in ("phase1", "phase2"):
+            p = metrics.get(phase, {})
+            if "skipped" in p:
+                lines.append(f"- {phase}: skipped ({p['skipped']})")
+            elif p:
+                lines.append(f"- {phase}: {p['epochs']} epochs at lr {p['learning_rate']:.2e} [{p['mode']}], "
+                             f"best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s")
+        lines += ["", "![learning curves](learning_curves.png)", "",
+                  "## Test evaluation", "", "![confusion matrix](confusion_matrix.png)", ""]
+        per_class = pd.DataFrame(metrics["per_class"]).T.reset_index(names="class")
+        lines += [markdown_table(per_class, ["class", "precision", "recall", "f1", "support"]), ""]
+        export = metrics.get("export")
+        if export:
+            lines += [f"Export parity: {export['images']} images, max |Δp| {export['max_abs_diff']:.2e}, "
+                      f"same classes: {export['same_classes']}.", ""]
+    if timings:
+        lines += ["## Wall time", "", markdown_table(pd.DataFrame([timings]), list(timings)), ""]
+    lines += ["## Serving the model", "",
+              "`export/` is a TensorFlow SavedModel. Its `serving_default` signature takes `images`, uint8 "
+              "`[batch, 28, 28]` raw pixels, and returns `probabilities`, `class_id` and `class_name`; resizing and "
+              "preprocessing happen inside.", "", "```bash",
+              f"saved_model_cli show --dir {run_dir / 'export'} --all",
+              f"python search.py predict --model {run_dir / 'export'} image.png",
+              f"docker run -p 8501:8501 -v $PWD/{run_dir / 'export'}:/models/fashion/1 -e MODEL_NAME=fashion tensorflow/serving",
+              "```", ""]
+    atomic.write_text(run_dir / "report.md", "\n".join(lines))
+    log(f"report: {run_dir / 'report.md'}")
+
+
+def markdown_table(frame, columns):
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame[columns].itertuples(index=False)]
+    return "\n".join(rows)
+
+
+def plot_learning_curves(metrics, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    offset = 0
+    for phase in ("phase1", "phase2"):
+        history = metrics.get(phase, {}).get("history")
+        if not history:
+            continue
+        epochs = range(offset + 1, offset + 1 + len(history["loss"]))
+        for ax, key in zip(axes, ("accuracy", "loss")):
+            ax.plot(epochs, history[key], marker="o", label=f"{phase} train")
+            ax.plot(epochs, history[f"val_{key}"], marker="s", label=f"{phase} validation")
+        offset += len(history["loss"])
+    for ax, key in zip(axes, ("accuracy", "loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Retraining: phase 1 (frozen backbone) → phase 2 (unfrozen top blocks)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic.write_bytes(path, buffer.getvalue())
+
+
+def _read(path):
+    return json.loads(path.read_text()) if path.exists() else {}

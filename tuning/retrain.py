@@ -1,0 +1,177 @@
+"""Two-phase retraining of the best configuration, then one evaluation on the test split.
+
+    Phase 1: backbone frozen, head trained at the chosen learning rate.
+    Phase 2: the chosen top blocks unfrozen (BatchNorm frozen, inference mode),
+             learning rate 10× lower, same schedule shape.
+Both phases stop early on validation accuracy and restore their best weights.
+"""
+
+import io
+import json
+import time
+from pathlib import Path
+
+import keras
+import keras_tuner as kt
+import numpy as np
+
+from data_pipeline import atomic
+from data_pipeline.errors import DataError, UsageError, UserError
+from data_pipeline.pipeline import make_dataset
+from hypermodel.backbones import get_backbone
+from hypermodel.space import config_from_values
+from hypermodel.transfer import build_transfer_model, set_unfrozen_blocks_trainable, train
+
+PHASE2_LR_FACTOR = 0.1
+
+
+class DivergedError(UserError):
+    """The best configuration diverged when retrained."""
+
+
+def read_best(run_dir):
+    """Reads best_hparams.json and checks it against the search space and registry."""
+    path = Path(run_dir) / "best_hparams.json"
+    if not path.is_file():
+        raise UsageError(f"{path} not found: the search has not completed a trial yet")
+    try:
+        best = json.loads(path.read_text())
+        config = config_from_values(best["hyperparameters"])
+        get_backbone(config.backbone)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(path, f"not a valid best_hparams.json ({e})") from None
+    except UsageError as e:
+        raise DataError(path, str(e)) from None
+    return best, config
+
+
+def retrain(run_dir, settings, dataset, data, epochs=None, feature_cache=None, log=print):
+    """Retrains the best configuration in two phases, evaluates on test, saves model.keras.
+
+    Args:
+        run_dir: The run directory (reads best_hparams.json, writes model.keras, metrics.json).
+        settings: The run's `RunSettings`.
+        dataset: The `Dataset` (its test split is read here, once, at the end).
+        data: `TrainingData` for the retrain (train + validation).
+        epochs: Epochs of each phase; default from the search (the best trial's epochs).
+
+    Returns:
+        The metrics dict written to metrics.json.
+    """
+    run_dir = Path(run_dir)
+    best, config = read_best(run_dir)
+    phase1_epochs, phase2_epochs = _phase_epochs(best, settings, epochs)
+    log(f"retraining trial {best['trial_id']} (val_accuracy {best['val_accuracy']:.4f}): "
+        f"{config.backbone} {config.resolution}px, unfrozen_blocks={config.unfrozen_blocks}; "
+        f"phase 1 {phase1_epochs} epochs, phase 2 {phase2_epochs} epochs")
+    model = build_transfer_model(config, data.num_classes, settings.weights, settings.seed)
+    histories = {}
+    for phase, epochs_, lr, trainable in (
+        ("phase1", phase1_epochs, config.learning_rate, False),
+        ("phase2", phase2_epochs, config.learning_rate * PHASE2_LR_FACTOR, True),
+    ):
+        if phase == "phase2" and config.unfrozen_blocks == 0:
+            histories[phase] = {"skipped": "unfrozen_blocks = 0: nothing to unfreeze"}
+            continue
+        set_unfrozen_blocks_trainable(model, trainable)
+        started = time.time()
+        callbacks = [
+            keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", mode="max", patience=settings.early_stopping_patience,
+                restore_best_weights=True,
+            ),
+            keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / "retrain" / phase), write_graph=False),
+        ]
+        try:
+            history, mode = train(
+                model, config, data, batch_size=settings.batch_size, seed=settings.seed, epochs=epochs_,
+                learning_rate=lr, callbacks=callbacks, feature_cache=feature_cache, verbose=settings.verbose,
+            )
+        except kt.errors.FailedTrialError as e:
+            raise DivergedError(
+                f"retraining trial {best['trial_id']} diverged in {phase} ({e}): rerun the search with a "
+                "lower learning-rate range, or retrain another trial by editing best_hparams.json"
+            ) from None
+        histories[phase] = {
+            "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+            "best_val_accuracy": float(max(history.history["val_accuracy"])),
+            "epochs": len(history.epoch),
+            "seconds": round(time.time() - started, 1),
+            "learning_rate": lr,
+            "mode": mode,
+        }
+        log(f"  {phase}: {len(history.epoch)} epochs [{mode}], best val_accuracy "
+            f"{histories[phase]['best_val_accuracy']:.4f} ({histories[phase]['seconds']:.0f} s)")
+    set_unfrozen_blocks_trainable(model, True)
+    save_model(model, run_dir / "model.keras")
+    metrics = evaluate_test(model, config, dataset, settings.batch_size)
+    metrics.update(histories, trial_id=best["trial_id"], hyperparameters=config.to_dict())
+    atomic.write_json(run_dir / "metrics.json", metrics)
+    plot_confusion_matrix(np.array(metrics["confusion_matrix"]), dataset.class_names, run_dir / "confusion_matrix.png")
+    log(f"test accuracy: {metrics['test_accuracy']:.4f} ({len(dataset.y_test)} test images)")
+    return metrics
+
+
+def _phase_epochs(best, settings, epochs):
+    if epochs:
+        return epochs, epochs
+    if settings.retrain_epochs:
+        return tuple(settings.retrain_epochs)
+    needed = max(1, int(best.get("epochs") or settings.max_epochs))
+    return needed, needed
+
+
+def save_model(model, path):
+    """Saves a `.keras` file atomically (written beside, then renamed)."""
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    tmp.replace(path)
+
+
+def evaluate_test(model, config, dataset, batch_size=128):
+    """The one place the test split is read: accuracy, per-class P/R/F1, confusion matrix."""
+    backbone = get_backbone(config.backbone)
+    ds = make_dataset(dataset.x_test, None, config.resolution, backbone.preprocess_input, batch_size)
+    predicted = np.argmax(model.predict(ds, verbose=0), axis=1)
+    truth = dataset.y_test
+    k = dataset.num_classes
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    per_class = {}
+    for i, name in enumerate(dataset.class_names):
+        tp = confusion[i, i]
+        precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
+        recall = tp / confusion[i].sum() if confusion[i].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                           "support": int(confusion[i].sum())}
+    return {
+        "test_accuracy": float(np.mean(predicted == truth)),
+        "test_images": int(len(truth)),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "class_names": list(dataset.class_names),
+    }
+
+
+def plot_confusion_matrix(confusion, class_names, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), value in np.ndenumerate(confusion):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                color="white" if value > confusion.max() / 2 else "black")
+    ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic.write_bytes(path, buffer.getvalue())

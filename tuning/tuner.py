@@ -1,0 +1,256 @@
+"""The search: KerasTuner's Hyperband (or random / Bayesian) over the TransferHyperModel.
+
+What this module adds to KerasTuner, and nothing more:
+- a time budget, decided by the oracle, which never hands out a trial that is not
+  expected to finish within it (so it also holds for distributed workers);
+- per-trial records, the leaderboard and best_hparams.json after every trial;
+- one console line per trial, and memory hygiene between trials.
+"""
+
+import copy
+import gc
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import keras
+import keras_tuner as kt
+
+from hypermodel.transfer import TransferHyperModel
+from data_pipeline import atomic
+from tuning import leaderboard
+
+PROJECT_NAME = "tuner"
+TUNERS = ("hyperband", "random", "bayesian")
+
+
+class BudgetedOracleMixin:
+    """Stops the search (status STOPPED) instead of starting a trial that would overrun.
+
+    A trial's cost is estimated from the seconds per epoch of finished trials, of the
+    same backbone and resolution when there are any, else of all (conservatively,
+    the maximum), times the epochs the new trial would run.
+    """
+
+    deadline = None  # time.time() by which the search must be done; set per command.
+
+    def populate_space(self, trial_id):
+        snapshot = copy.deepcopy(self.get_state())
+        response = super().populate_space(trial_id)
+        if response["status"] != "RUNNING" or self.deadline is None:
+            return response
+        estimate = self.estimate_seconds(response["values"])
+        if estimate is not None and time.time() + estimate > self.deadline:
+            self.set_state(snapshot)  # as if the trial had never been proposed
+            self.stopped_by_budget = True
+            return {"status": "STOPPED"}
+        self._started[trial_id] = time.time()
+        return response
+
+    def end_trial(self, trial):
+        started = self._started.pop(trial.trial_id, None)
+        if started is not None and trial.status == "COMPLETED":
+            values = trial.hyperparameters.values
+            self._epoch_seconds.append(
+                [_cost_key(values), (time.time() - started) / max(1, _epochs_to_run(values, self))]
+            )
+        super().end_trial(trial)
+
+    def estimate_seconds(self, values):
+        if not self._epoch_seconds:
+            return None
+        same = [s for key, s in self._epoch_seconds if key == _cost_key(values)]
+        per_epoch = max(same) if same else max(s for _, s in self._epoch_seconds)
+        return per_epoch * _epochs_to_run(values, self)
+
+    @property
+    def _started(self):
+        self.__dict__.setdefault("_trial_started", {})
+        return self.__dict__["_trial_started"]
+
+    @property
+    def _epoch_seconds(self):
+        self.__dict__.setdefault("_trial_epoch_seconds", [])
+        return self.__dict__["_trial_epoch_seconds"]
+
+    def get_state(self):
+        state = super().get_state()
+        state["epoch_seconds"] = list(self._epoch_seconds)
+        return state
+
+    def set_state(self, state):
+        super().set_state(state)
+        self.__dict__["_trial_epoch_seconds"] = [list(x) for x in state.get("epoch_seconds", [])]
+
+
+def _cost_key(values):
+    return f"{values.get('backbone')}@{values.get('resolution')}"
+
+
+def _epochs_to_run(values, oracle):
+    if "tuner/epochs" in values:
+        return values["tuner/epochs"] - values.get("tuner/initial_epoch", 0)
+    return getattr(oracle, "max_epochs_per_trial", 1)
+
+
+class HyperbandOracle(BudgetedOracleMixin, kt.oracles.HyperbandOracle):
+    pass
+
+
+class RandomSearchOracle(BudgetedOracleMixin, kt.oracles.RandomSearchOracle):
+    pass
+
+
+class BayesianOptimizationOracle(BudgetedOracleMixin, kt.oracles.BayesianOptimizationOracle):
+    pass
+
+
+class TransferTuner(kt.Tuner):
+    """A KerasTuner `Tuner` that records each trial and keeps the leaderboard current.
+
+    Args:
+        oracle: One of the budgeted oracles above.
+        hypermodel: A `TransferHyperModel`.
+        run_dir: The run directory (the tuner project lives in `run_dir/tuner`).
+        worker: Name of this process in the leaderboard ("local" unless distributed).
+        **kwargs: Passed to `kt.Tuner`.
+    """
+
+    def __init__(self, oracle, hypermodel, run_dir, worker="local", log=print, **kwargs):
+        self.run_dir = Path(run_dir)
+        self.worker = worker
+        self.log = log
+        self._trial_started = {}
+        # kt.Tuner's constructor, also for HyperbandTransferTuner (whose kt.Hyperband
+        # parent would otherwise build an oracle of its own).
+        kt.Tuner.__init__(self, oracle, hypermodel, directory=str(run_dir), project_name=PROJECT_NAME, **kwargs)
+
+    def _populate_initial_space(self):
+        # The space has no conditional hyperparameters, so declaring it is enough;
+        # KerasTuner's default would build (and load weights for) a model to find them.
+        hp = self.oracle.get_space()
+        self.hypermodel.declare_hyperparameters(hp)
+        self.oracle.update_space(hp)
+
+    def run_trial(self, trial, *args, **kwargs):
+        if "tuner/epochs" not in trial.hyperparameters.values:  # random / bayesian
+            kwargs.setdefault("epochs", self.oracle.max_epochs_per_trial)
+        histories = super().run_trial(trial, *args, **kwargs)
+        self._epochs_ran = sum(len(h.epoch) for h in histories if hasattr(h, "epoch"))
+        return histories
+
+    def on_trial_begin(self, trial):
+        super().on_trial_begin(trial)
+        self._trial_started[trial.trial_id] = time.time()
+        self._epochs_ran = 0
+        self.hypermodel.last_fit_mode = None
+
+    def on_trial_end(self, trial):
+        seconds = time.time() - self._trial_started.pop(trial.trial_id, time.time())
+        record = {
+            "trial_id": trial.trial_id,
+            "worker": self.worker,
+            "seconds": round(seconds, 2),
+            "epochs": self._epochs_ran,
+            "fit_mode": self.hypermodel.last_fit_mode or "",
+            "error": leaderboard._last_line(trial.message or ""),
+        }
+        atomic.write_json(self.run_dir / "trials" / f"{trial.trial_id}.json", record)
+        try:
+            super().on_trial_end(trial)  # the oracle records the result (may raise on too many failures)
+        finally:
+            frame = leaderboard.write(self.run_dir)
+            self._print_trial(trial, record, frame)
+            gc.collect()
+
+    def _print_trial(self, trial, record, frame):
+        values = trial.hyperparameters.values
+        status = self.oracle.get_trial(trial.trial_id).status if hasattr(self.oracle, "get_trial") else trial.status
+        row = frame[frame["trial_id"] == trial.trial_id]
+        score = row["val_accuracy"].iloc[0] if len(row) else None
+        best = frame["val_accuracy"].max() if len(frame) else float("nan")
+        result = f"val_accuracy {score:.4f}" if score is not None and score == score else f"{status}: {record['error']}"
+        left = ""
+        deadline = getattr(self.oracle, "deadline", None)
+        if deadline is not None:
+            left = f" | budget left {max(0, deadline - time.time()) / 60:.1f} min"
+        self.log(
+            f"trial {trial.trial_id} [{self.worker}] {values.get('backbone')} {values.get('resolution')}px "
+            f"unfrozen={values.get('unfrozen_blocks')} {values.get('pooling')} dense={values.get('dense_units')} "
+            f"dropout={values.get('dropout'):.1f} lr={values.get('learning_rate'):.2e} {values.get('lr_schedule')} "
+            f"aug={values.get('augmentation')} epochs={record['epochs']} [{record['fit_mode'] or '-'}] "
+            f"→ {result} ({record['seconds']:.0f} s) best {best:.4f}{left}"
+        )
+
+
+class HyperbandTransferTuner(TransferTuner, kt.Hyperband):
+    """TransferTuner with Hyperband's trial logic: epochs per round, and each round
+    continuing from the previous round's best checkpoint."""
+
+
+def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadline=None, distribution_strategy=None):
+    """Builds the tuner chosen by `settings.tuner`, resuming any state in `run_dir/tuner`."""
+    common = dict(
+        objective=kt.Objective("val_accuracy", "max"),
+        seed=settings.seed,
+        max_retries_per_trial=0,
+        max_consecutive_failed_trials=settings.max_consecutive_failures,
+    )
+    if settings.tuner == "hyperband":
+        oracle = HyperbandOracle(
+            max_epochs=settings.max_epochs, factor=settings.factor,
+            hyperband_iterations=settings.hyperband_iterations, **common,
+        )
+    elif settings.tuner == "random":
+        oracle = RandomSearchOracle(max_trials=settings.max_trials, **common)
+    elif settings.tuner == "bayesian":
+        oracle = BayesianOptimizationOracle(max_trials=settings.max_trials, **common)
+    else:
+        raise ValueError(f"tuner {settings.tuner!r} is not one of {TUNERS}")
+    oracle.max_epochs_per_trial = settings.max_epochs
+    tuner_class = HyperbandTransferTuner if settings.tuner == "hyperband" else TransferTuner
+    tuner = tuner_class(
+        oracle, hypermodel, run_dir, worker=worker, log=log, distribution_strategy=distribution_strategy
+    )
+    # Set after construction: reloading oracle state would otherwise not see it.
+    tuner.oracle.deadline = deadline
+    tuner.oracle.stopped_by_budget = False
+    return tuner
+
+
+def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="local"):
+    """Runs (or resumes) the search into `run_dir`.
+
+    Args:
+        settings: `tuning.run.RunSettings`.
+        data: `hypermodel.transfer.TrainingData` (train + validation only).
+        run_dir: The prepared run directory.
+        feature_cache: Optional `FeatureCache`.
+
+    Returns:
+        A dict: trials, completed, stopped_by_budget, best (best_hparams.json or None).
+    """
+    atomic.remove_stale_temporaries(run_dir)
+    deadline = time.time() + settings.time_budget_s if settings.time_budget_s else None
+    hypermodel = TransferHyperModel(
+        settings.choices, data.num_classes, weights=settings.weights, batch_size=settings.batch_size,
+        seed=settings.seed, early_stopping_patience=settings.early_stopping_patience,
+        feature_cache=feature_cache,
+    )
+    tuner = make_tuner(settings, hypermodel, run_dir, worker=worker, log=log, deadline=deadline)
+    tensorboard = keras.callbacks.TensorBoard(
+        log_dir=str(Path(run_dir) / "tensorboard"), write_graph=False, profile_batch=0
+    )
+    tuner.search(data, callbacks=[tensorboard], verbose=settings.verbose)
+    frame = leaderboard.write(run_dir)
+    best = json.loads((Path(run_dir) / "best_hparams.json").read_text()) if (Path(run_dir) / "best_hparams.json").exists() else None
+    return {
+        "trials": int(len(frame)),
+        "completed": int((frame["status"] == "COMPLETED").sum()),
+        "stopped_by_budget": bool(getattr(tuner.oracle, "stopped_by_budget", False)),
+        "best": best,
+        "leaderboard": frame,
+    }
