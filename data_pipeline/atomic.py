@@ -75,8 +75,21 @@ def remove_stale_temporaries(folder):
     folder = Path(folder)
     if not folder.is_dir():
         return
-    for leftover in folder.glob(".*.tmp"):
+    for leftover in folder.rglob(".*.tmp"):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+
+
+def make_keras_tuner_json_atomic():
+    """Routes KerasTuner's JSON writes (trial.json, oracle.json, tuner0.json) through
+    `write_json`, so a kill mid-write never leaves a truncated file that breaks resume."""
+    from keras_tuner.src import utils as kt_utils
+
+    def save_json(path, obj):
+        text = json.dumps(obj)
+        write_text(path, text)
+        return text
+
+    kt_utils.save_json = save_json

@@ -19,38 +19,12 @@ import json
 import math
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from data_pipeline.pipeline import make_dataset
 
 BYTES_PER_VALUE = 2  # float16 storage
-
-
-class OnFullModel(keras.callbacks.Callback):
-    """Runs a callback (KerasTuner's best-epoch checkpoint) against the end-to-end model
-    while Keras trains only its top part, so checkpoints stay loadable into `build(hp)`."""
-
-    def __init__(self, callback, full_model):
-        super().__init__()
-        self.callback = callback
-        self.full_model = full_model
-
-    def set_model(self, model):
-        self.callback.set_model(self.full_model)
-
-    def set_params(self, params):
-        self.callback.set_params(params)
-
-    def on_train_begin(self, logs=None):
-        self.callback.on_train_begin(logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.callback.on_epoch_end(epoch, logs)
-
-    def on_train_end(self, logs=None):
-        self.callback.on_train_end(logs)
 
 
 class FeatureCache:
@@ -74,7 +48,7 @@ class FeatureCache:
     def fit_top(self, model, config, data, batch_size, epochs, initial_epoch, callbacks, verbose,
                 learning_rate=None):
         """Trains `model`'s top on cached features; None (reason in `last_mode`) if it can't."""
-        from hypermodel.transfer import PREFIX_NAME, TOP_NAME, compile_for_training
+        from hypermodel.transfer import PREFIX_NAME, TOP_NAME, AtomicCheckpoint, compile_for_training
 
         prefix, top = model.get_layer(PREFIX_NAME), model.get_layer(TOP_NAME)
         if config.augmentation != "none":
@@ -87,7 +61,7 @@ class FeatureCache:
         train = self.features(prefix, config, data.x_train, data.key + "/train", batch_size)
         val = self.features(prefix, config, data.x_val, data.key + "/val", batch_size)
         compile_for_training(top, config, math.ceil(len(train) / batch_size), epochs - initial_epoch, learning_rate)
-        callbacks = [OnFullModel(cb, model) if _is_checkpoint(cb) else cb for cb in callbacks]
+        callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]
         self.last_mode = "cached"
         return top.fit(
             train, data.y_train, validation_data=(val, data.y_val), batch_size=batch_size,
@@ -166,10 +140,6 @@ class FeatureCache:
         np.save(buffer, array, allow_pickle=False)
         atomic.write_bytes(self._path(digest), buffer.getvalue())
         atomic.write_json(self._path(digest).with_suffix(".json"), {"key": key, "sha256": _sha(array)})
-
-
-def _is_checkpoint(callback):
-    return type(callback).__name__ == "SaveBestEpoch"
 
 
 def _sha(array):

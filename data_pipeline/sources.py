@@ -107,6 +107,9 @@ def load_dataset(path=None):
         return _load_idx(path, source="idx")
     if _find_csv_pair(path):
         return _load_csv(path)
+    missing = [stems[0] + "[.gz]" for stems in IDX_NAMES.values() if not _idx_file(path, stems)]
+    if len(missing) < len(IDX_NAMES):
+        raise DataError(path, f"incomplete IDX dataset: missing {', '.join(missing)}")
     raise DataError(
         path,
         "no known dataset layout: expected the four IDX files "
@@ -137,14 +140,14 @@ def _load_default():
 
 def _find_idx_files(folder):
     """Maps each IDX role to its file in `folder`, or returns None if any is absent."""
-    found = {}
-    for role, stems in IDX_NAMES.items():
-        candidates = [folder / (s + ext) for s in stems for ext in (".gz", "")]
-        existing = [c for c in candidates if c.is_file()]
-        if not existing:
-            return None
-        found[role] = existing[0]
-    return found
+    found = {role: _idx_file(folder, stems) for role, stems in IDX_NAMES.items()}
+    return found if all(found.values()) else None
+
+
+def _idx_file(folder, stems):
+    """The first existing file of `stems` (gzipped first), or None."""
+    candidates = [folder / (s + ext) for s in stems for ext in (".gz", "")]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def _load_idx(folder, source):
@@ -165,8 +168,9 @@ def _load_idx(folder, source):
 
 
 def _find_csv_pair(folder):
-    train = sorted(p for p in folder.glob("*.csv") if "train" in p.name.lower())
-    test = sorted(p for p in folder.glob("*.csv") if "test" in p.name.lower())
+    csvs = [p for p in folder.glob("*.csv") if p.is_file()]
+    train = sorted(p for p in csvs if "train" in p.name.lower())
+    test = sorted(p for p in csvs if "test" in p.name.lower())
     if not train and not test:
         return None
     if len(train) != 1 or len(test) != 1:
@@ -182,8 +186,10 @@ def _load_csv(folder):
     train_cols, x_train, y_train = _read_csv(files["train"])
     test_cols, x_test, y_test = _read_csv(files["test"])
     if test_cols != train_cols:
+        i = next(i for i, (a, b) in enumerate(zip(test_cols, train_cols)) if a != b)
         raise DataError(
-            files["test"], f"columns differ from {files['train'].name} ({len(test_cols)} vs {len(train_cols)})"
+            files["test"], f"columns differ from {files['train'].name}: column {i + 1} is "
+            f"'{test_cols[i]}' here, '{train_cols[i]}' there",
         )
     files = {"x_train": files["train"], "x_test": files["test"]}
     digests = {role: _sha256(p) for role, p in files.items()}
@@ -192,7 +198,7 @@ def _load_csv(folder):
         {"x_train": files["x_train"], "y_train": files["x_train"],
          "x_test": files["x_test"], "y_test": files["x_test"]},
         folder, "csv", digests, status="computed",
-        is_fashion_mnist="fashion" in str(folder).lower(),
+        is_fashion_mnist="fashion" in (folder.name + files["x_train"].name).lower(),
     )
 
 
@@ -203,7 +209,8 @@ def _read_csv(path):
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
     try:
-        frame = pd.read_csv(path, low_memory=False)
+        # Only empty fields are missing values: "NA" or "nan" is reported as non-numeric.
+        frame = pd.read_csv(path, low_memory=False, keep_default_na=False, na_values=[""])
     except UnicodeDecodeError:
         raise DataError(path, "not a text CSV file (binary content)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
@@ -213,6 +220,8 @@ def _read_csv(path):
         raise DataError(path, "no 'label' column in the header")
     if len(frame) == 0:
         raise DataError(path, "header only, no rows")
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas made an index of the extra first field
+        raise DataError(path, f"line 2: more fields than the {len(columns)} header columns")
     frame.columns = columns
     pixel_cols = [c for c in columns if c != "label"]
     if len(pixel_cols) != validate.IMAGE_SIDE**2:
@@ -224,7 +233,11 @@ def _read_csv(path):
             raise DataError(path, _describe_missing(path, row, column, len(columns)))
         if not pd.api.types.is_numeric_dtype(values):
             numeric = pd.to_numeric(values, errors="coerce")
-            row = int(np.flatnonzero(numeric.isna().to_numpy())[0])
+            bad = np.flatnonzero(numeric.isna().to_numpy())
+            if len(bad) == 0:  # numbers too big for int64 (range-checked below)
+                frame[column] = numeric.astype(np.float64)
+                continue
+            row = int(bad[0])
             raise DataError(path, f"line {row + 2} column '{column}': non-numeric value {values.iloc[row]!r}")
     images = validate.as_images(frame[pixel_cols].to_numpy(), path)
     labels = validate.as_labels(frame["label"].to_numpy(), path, len(images))

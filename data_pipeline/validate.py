@@ -124,6 +124,8 @@ def as_labels(array, path, count):
             raise DataError(path, f"label {bad} is not an integer")
     if array.min() < 0:
         raise DataError(path, f"negative label {array.min()}")
+    if array.max() > np.iinfo(np.int32).max:  # would wrap around in the int32 cast
+        raise DataError(path, f"label {array.max()} is too large")
     return array.astype(np.int32)
 
 
@@ -133,11 +135,12 @@ def check_classes(y_train, y_test, train_path, test_path):
     if len(present) < 2:
         raise DataError(train_path, f"a single class ({present[0]}): need at least 2")
     num_classes = int(present.max()) + 1
-    missing = sorted(set(range(num_classes)) - set(present.tolist()))
-    if missing:
+    if len(present) < num_classes:
+        # The first few absent labels, without building range(K) (K may be huge).
+        missing = np.setdiff1d(np.arange(min(num_classes, len(present) + 10)), present)
         raise DataError(
             train_path,
-            f"labels must be 0..K-1: classes {missing[:10]} never occur (max label {num_classes - 1})",
+            f"labels must be 0..K-1: classes {missing[:10].tolist()} never occur (max label {num_classes - 1})",
         )
     if y_test.max() >= num_classes:
         raise DataError(

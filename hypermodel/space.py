@@ -7,7 +7,6 @@ list with one value becomes a fixed hyperparameter.
 
 import dataclasses
 
-from data_pipeline.pipeline import AUGMENTATIONS
 
 LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
 OPTIMIZERS = ("adam", "adamw")

@@ -10,6 +10,7 @@ same function as the end-to-end model, without recomputing the prefix every epoc
 
 import dataclasses
 import math
+import os
 
 import keras
 import keras_tuner as kt
@@ -56,15 +57,7 @@ def build_transfer_model(config, num_classes, weights="imagenet", seed=0):
     keras.utils.set_random_seed(seed)
     backbone = get_backbone(config.backbone)
     base = backbone.build(config.resolution, weights)
-    ends = backbone.block_ends(base)
-    # Block 0 is the stem: it always stays frozen.
-    unfrozen = min(config.unfrozen_blocks, len(ends) - 1)
-    if unfrozen == 0:
-        prefix, suffix = keras.Model(base.input, base.output, name=PREFIX_NAME), None
-    else:
-        cut = base.get_layer(ends[-(unfrozen + 1)]).output
-        prefix = keras.Model(base.input, cut, name=PREFIX_NAME)
-        suffix = keras.Model(cut, base.output, name=SUFFIX_NAME)
+    prefix, suffix = split_backbone(base, backbone.block_ends(base), config.unfrozen_blocks)
     prefix.trainable = False
 
     top_inputs = keras.Input(prefix.output.shape[1:], name="prefix_features")
@@ -85,6 +78,25 @@ def build_transfer_model(config, num_classes, weights="imagenet", seed=0):
 
     inputs = keras.Input((config.resolution, config.resolution, 3), name="images")
     return keras.Model(inputs, top(prefix(inputs, training=False)), name=f"{config.backbone}_transfer")
+
+
+def split_backbone(base, block_ends, unfrozen_blocks):
+    """Cuts a backbone below its last `unfrozen_blocks` blocks.
+
+    Args:
+        base: The backbone model.
+        block_ends: Its block boundaries, bottom to top (`Backbone.block_ends`).
+        unfrozen_blocks: How many top blocks go to the suffix; clipped so that block 0,
+            the stem, always stays in the frozen prefix.
+
+    Returns:
+        (prefix, suffix): `suffix(prefix(x)) == base(x)`; suffix is None for 0 blocks.
+    """
+    unfrozen = min(unfrozen_blocks, len(block_ends) - 1)
+    if unfrozen == 0:
+        return keras.Model(base.input, base.output, name=PREFIX_NAME), None
+    cut = base.get_layer(block_ends[-(unfrozen + 1)]).output
+    return keras.Model(base.input, cut, name=PREFIX_NAME), keras.Model(cut, base.output, name=SUFFIX_NAME)
 
 
 def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=None):
@@ -109,6 +121,48 @@ class FailOnNaN(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise kt.errors.FailedTrialError(f"loss became {loss} at batch {batch}: training diverged")
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Wraps KerasTuner's best-epoch checkpoint (`SaveBestEpoch`).
+
+    - Saves go to a temporary file renamed over the checkpoint, so a kill mid-save
+      never leaves a truncated checkpoint for the next Hyperband round to load.
+    - `bind(model)` pins it to the end-to-end model while Keras trains only the top
+      part (feature cache), so checkpoints stay loadable into `build(hp)`.
+    """
+
+    def __init__(self, callback):
+        super().__init__()
+        self.callback = callback
+        self.full_model = None
+
+    def bind(self, full_model):
+        self.full_model = full_model
+        return self
+
+    def set_model(self, model):
+        self.callback.set_model(self.full_model or model)
+
+    def set_params(self, params):
+        self.callback.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.callback.on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        final = self.callback.filepath
+        tmp = final.replace(".weights.h5", ".tmp.weights.h5")
+        self.callback.filepath = tmp
+        try:
+            self.callback.on_epoch_end(epoch, logs)
+        finally:
+            self.callback.filepath = final
+        if os.path.exists(tmp):
+            os.replace(tmp, final)
+
+    def on_train_end(self, logs=None):
+        self.callback.on_train_end(logs)
 
 
 class TransferHyperModel(kt.HyperModel):
@@ -190,7 +244,9 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
     Returns:
         (History, how it trained: "cached" or "end-to-end[: reason]").
     """
-    callbacks = list(callbacks) + [FailOnNaN()]
+    callbacks = [
+        AtomicCheckpoint(cb) if type(cb).__name__ == "SaveBestEpoch" else cb for cb in callbacks
+    ] + [FailOnNaN()]
     steps = math.ceil(len(data.x_train) / batch_size)
     compile_for_training(model, config, steps, epochs - initial_epoch, learning_rate)
     if feature_cache is not None:
@@ -210,6 +266,6 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
     val_ds = make_dataset(data.x_val, data.y_val, config.resolution, backbone.preprocess_input, batch_size)
     history = model.fit(
         train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
-        callbacks=callbacks, verbose=verbose,
+        callbacks=callbacks, verbose=verbose, shuffle=False,  # tf.data already shuffles
     )
     return history, mode

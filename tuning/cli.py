@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import DataError, UsageError, UserError
+from data_pipeline.errors import UsageError, UserError
 
 COMMANDS = ("data", "search", "retrain", "export", "report", "predict", "tensorboard")
 
@@ -41,6 +41,7 @@ def build_parser():
     search.add_argument("--backbones", type=_names, help="comma-separated registry names")
     search.add_argument("--resolutions", type=_ints, help="comma-separated input sizes, 32..299")
     search.add_argument("--unfrozen-blocks", type=_ints, help="comma-separated choices, 0 = head only")
+    search.add_argument("--learning-rate", type=_floats, help="MIN,MAX of the log-uniform learning-rate range")
     search.add_argument("--tuner", choices=["hyperband", "random", "bayesian"])
     search.add_argument("--max-epochs", type=int)
     search.add_argument("--factor", type=int)
@@ -54,6 +55,14 @@ def build_parser():
     search.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=None)
     search.add_argument("--cache-budget", type=int, help="feature cache budget in MB")
     search.add_argument("--epochs", type=int, help="retrain: epochs of each phase (default: from the search)")
+    search.add_argument("--distributed", choices=["chief", "worker"],
+                        help="KerasTuner distributed mode: the chief serves the oracle, workers run trials")
+    search.add_argument("--oracle", help="HOST:PORT of the chief's oracle (default 127.0.0.1:8000)")
+    search.add_argument("--worker-id", help="this worker's name (its `worker` column in the leaderboard)")
+    search.add_argument("--worker-timeout", type=_duration,
+                        help="chief: fail a trial whose worker has not reported for this long (default 30m)")
+    search.add_argument("--strategy", choices=["none", "mirrored", "auto"],
+                        help="tf.distribute strategy each trial trains under (default none)")
 
     parser = argparse.ArgumentParser(
         prog="search.py", parents=[run, search],
@@ -86,11 +95,38 @@ def _ints(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text):
+    try:
+        values = tuple(float(n) for n in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not 0 < values[0] < values[1]:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX with 0 < MIN < MAX, got {text!r}")
+    return values
+
+
 def _duration(text):
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
     if not match:
         raise argparse.ArgumentTypeError(f"expected a duration like 90s, 45m or 2h, got {text!r}")
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def quiet_import_tensorflow():
+    """Imports TensorFlow with its native start-up logging (printed to fd 2 before any
+    log level applies: CUDA probing, CPU features) sent to /dev/null."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def dispatch(args):
@@ -99,7 +135,8 @@ def dispatch(args):
     if args.command == "data":
         return jobs.show_data(args.data)
     if args.command == "predict":
-        return jobs.predict(args.model, args.inputs, args.output)
+        return jobs.predict(args.model, args.inputs, args.output, before_model=quiet_import_tensorflow)
+    quiet_import_tensorflow()
     if args.command == "tensorboard":
         return jobs.tensorboard(_existing_run_dir(args), args.host, args.port)
     if args.command in ("export", "report"):
@@ -139,6 +176,8 @@ def resolve_settings(args):
         if bad:
             raise UsageError(f"--resolutions {bad} outside 32..299")
         choices = dataclasses.replace(choices, resolutions=args.resolutions)
+    if args.learning_rate:
+        choices = dataclasses.replace(choices, learning_rate=args.learning_rate)
     if args.unfrozen_blocks:
         choices = dataclasses.replace(choices, unfrozen_blocks=args.unfrozen_blocks)
     overrides = {
@@ -146,7 +185,9 @@ def resolve_settings(args):
         "factor": args.factor, "hyperband_iterations": args.hyperband_iterations,
         "max_trials": args.max_trials, "batch_size": args.batch_size,
         "validation_fraction": args.validation_fraction, "feature_cache": args.feature_cache,
-        "cache_budget_mb": args.cache_budget, "epochs": args.epochs,
+        "cache_budget_mb": args.cache_budget, "epochs": args.epochs, "distributed": args.distributed,
+        "oracle": args.oracle, "worker_id": args.worker_id, "worker_timeout_s": args.worker_timeout,
+        "strategy": args.strategy,
     }
     settings = RunSettings(
         profile=profile.name,

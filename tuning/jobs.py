@@ -5,9 +5,14 @@ import time
 from pathlib import Path
 
 from data_pipeline import load_dataset
+from data_pipeline.errors import UserError
 from data_pipeline import atomic
 
 TOP_N = 5
+
+
+class SearchStopped(UserError):
+    """Too many consecutive trials failed (KerasTuner's max_consecutive_failed_trials)."""
 
 
 def log(message):
@@ -47,6 +52,11 @@ def search(settings, overwrite=False):
     from tuning.run import prepare_run_dir
     from tuning.tuner import run_search
 
+    from tuning.tuner import configure_distributed
+
+    worker = "local"
+    if settings.distributed:
+        worker = configure_distributed(settings.distributed, settings.oracle, settings.worker_id)
     dataset, data = _setup(settings)
     run_dir = prepare_run_dir(settings, dataset, overwrite=overwrite)
     log(f"run dir: {run_dir}")
@@ -60,7 +70,15 @@ def search(settings, overwrite=False):
     if settings.feature_cache:
         cache = FeatureCache(run_dir / "feature_cache", budget_mb=settings.cache_budget_mb, log=log)
     started = time.time()
-    result = run_search(settings, data, run_dir, feature_cache=cache, log=log)
+    try:
+        result = run_search(settings, data, run_dir, feature_cache=cache, log=log, worker=worker)
+    except RuntimeError as e:
+        if "consecutive failures" not in str(e):
+            raise
+        raise SearchStopped(
+            f"search stopped: {settings.max_consecutive_failures} trials in a row failed; "
+            f"their errors are in {run_dir / 'leaderboard.csv'}"
+        ) from None
     _record_stage(run_dir, "search", time.time() - started)
     if result["stopped_by_budget"]:
         log("time budget reached: search stopped cleanly; rerun the same command to continue it")
@@ -100,12 +118,21 @@ def _reopen(run_dir):
     return settings, dataset, training_data(dataset, retrain_settings)
 
 
+def _check_run(run_dir):
+    """Refuses a foreign run dir or a bad best_hparams.json before any work."""
+    from tuning.retrain import read_best
+    from tuning.run import read_config
+
+    read_config(run_dir)
+    read_best(run_dir)
+
+
 def retrain(run_dir, epochs=None, verbose=0):
     """`search.py retrain`: two-phase retrain of the best trial, then the test evaluation."""
     from data_pipeline.feature_cache import FeatureCache
-    from tuning.retrain import read_best, retrain as retrain_best
+    from tuning.retrain import retrain as retrain_best
 
-    read_best(run_dir)  # refuse a bad best_hparams.json before loading anything
+    _check_run(run_dir)
     settings, dataset, data = _reopen(run_dir)
     settings.verbose = max(settings.verbose, verbose)
     cache = FeatureCache(Path(run_dir) / "feature_cache", settings.cache_budget_mb, log=log) if settings.feature_cache else None
@@ -118,9 +145,8 @@ def retrain(run_dir, epochs=None, verbose=0):
 def export(run_dir):
     """`search.py export`: SavedModel with a raw-uint8 signature, parity-checked."""
     from tuning.export import export as export_model
-    from tuning.retrain import read_best
 
-    read_best(run_dir)
+    _check_run(run_dir)
     _, dataset, _ = _reopen(run_dir)
     started = time.time()
     export_model(run_dir, dataset, log=log)
@@ -138,10 +164,11 @@ def report(run_dir):
     return 0
 
 
-def predict(model_dir, inputs, output=None):
+def predict(model_dir, inputs, output=None, before_model=None):
+    """`search.py predict`: inputs are validated before the model is loaded."""
     from tuning.predict import predict as predict_images
 
-    predict_images(model_dir, inputs, output, log=log)
+    predict_images(model_dir, inputs, output, log=log, before_model=before_model)
     return 0
 
 
@@ -158,6 +185,8 @@ def whole_job(settings, overwrite=False):
     """`search.py`: search → retrain → export → report into one run dir."""
     started = time.time()
     search(settings, overwrite=overwrite)
+    if settings.distributed == "worker":
+        return 0  # the chief retrains and exports, once
     run_dir = Path(settings.run_dir)
     retrain(run_dir, epochs=settings.epochs)
     export(run_dir)

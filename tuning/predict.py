@@ -91,12 +91,18 @@ def load_serving(model_dir):
     return serve
 
 
-def predict(model_dir, paths, output=None, log=print):
-    """Prints (and optionally writes) input, class name and confidence for every image."""
+def predict(model_dir, paths, output=None, log=print, before_model=None):
+    """Prints (and optionally writes) input, class name and confidence for every image.
+
+    Args:
+        before_model: Called after the inputs are validated, before TensorFlow loads.
+    """
+    names, images = load_inputs(paths)
+    if before_model is not None:
+        before_model()
     import tensorflow as tf
 
     serve = load_serving(model_dir)
-    names, images = load_inputs(paths)
     rows = []
     for start in range(0, len(images), 256):
         out = serve(images=tf.constant(images[start : start + 256]))

@@ -21,7 +21,9 @@ from data_pipeline import atomic
 
 CONFIG_FILE = "config.json"
 # Settings that may differ when a run is resumed (they do not change what is searched).
-RESUMABLE_SETTINGS = {"time_budget_s", "verbose", "overwrite", "command", "epochs", "tensorboard_port"}
+RESUMABLE_SETTINGS = {
+    "time_budget_s", "verbose", "epochs", "distributed", "oracle", "worker_id", "worker_timeout_s", "strategy",
+}
 
 
 @dataclasses.dataclass
@@ -53,6 +55,11 @@ class RunSettings:
     max_consecutive_failures: int = 3
     epochs: int = None
     verbose: int = 0
+    distributed: str = None
+    oracle: str = "127.0.0.1:8000"
+    worker_id: str = None
+    worker_timeout_s: float = 1800
+    strategy: str = "none"
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -10,14 +10,14 @@ What this module adds to KerasTuner, and nothing more:
 import copy
 import gc
 import json
-import math
 import os
-import statistics
+import threading
 import time
 from pathlib import Path
 
 import keras
 import keras_tuner as kt
+from keras_tuner.src.engine.oracle import synchronized
 
 from hypermodel.transfer import TransferHyperModel
 from data_pipeline import atomic
@@ -40,17 +40,36 @@ class BudgetedOracleMixin:
     def populate_space(self, trial_id):
         snapshot = copy.deepcopy(self.get_state())
         response = super().populate_space(trial_id)
-        if response["status"] != "RUNNING" or self.deadline is None:
+        if response["status"] != "RUNNING":
             return response
         estimate = self.estimate_seconds(response["values"])
-        if estimate is not None and time.time() + estimate > self.deadline:
+        if self.deadline is not None and estimate is not None and time.time() + estimate > self.deadline:
             self.set_state(snapshot)  # as if the trial had never been proposed
             self.stopped_by_budget = True
             return {"status": "STOPPED"}
         self._started[trial_id] = time.time()
         return response
 
+    def update_trial(self, trial_id, metrics, step=0):
+        self._last_seen[trial_id] = time.time()  # a worker's heartbeat: it reports every epoch
+        return super().update_trial(trial_id, metrics, step=step)
+
+    @synchronized
+    def fail_silent_trials(self, timeout):
+        """Ends as FAILED every running trial whose worker has not reported for `timeout` s,
+        so a dead worker cannot stall the search (the chief calls this periodically)."""
+        now = time.time()
+        for tuner_id, trial in list(self.ongoing_trials.items()):
+            last = self._last_seen.get(trial.trial_id) or self._started.get(trial.trial_id) or now
+            self._last_seen.setdefault(trial.trial_id, last)
+            if now - last > timeout:
+                trial.status = "FAILED"
+                trial.message = f"worker {tuner_id} stopped reporting for {now - last:.0f} s: trial abandoned"
+                self.end_trial(trial)
+                self.tuner_ids.discard(tuner_id)
+
     def end_trial(self, trial):
+        self._last_seen.pop(trial.trial_id, None)
         started = self._started.pop(trial.trial_id, None)
         if started is not None and trial.status == "COMPLETED":
             values = trial.hyperparameters.values
@@ -58,6 +77,16 @@ class BudgetedOracleMixin:
                 [_cost_key(values), (time.time() - started) / max(1, _epochs_to_run(values, self))]
             )
         super().end_trial(trial)
+
+    def _check_consecutive_failures(self):
+        try:
+            super()._check_consecutive_failures()
+        except RuntimeError:
+            # KerasTuner raises before saving the trial that tipped the count: save it,
+            # so the leaderboard shows it FAILED with its reason.
+            self._save_trial(self.trials[self.end_order[-1]])
+            self.save()
+            raise
 
     def estimate_seconds(self, values):
         if not self._epoch_seconds:
@@ -70,6 +99,11 @@ class BudgetedOracleMixin:
     def _started(self):
         self.__dict__.setdefault("_trial_started", {})
         return self.__dict__["_trial_started"]
+
+    @property
+    def _last_seen(self):
+        self.__dict__.setdefault("_trial_last_seen", {})
+        return self.__dict__["_trial_last_seen"]
 
     @property
     def _epoch_seconds(self):
@@ -221,6 +255,25 @@ def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadlin
     return tuner
 
 
+def distribution_strategy(name):
+    """None, or the `tf.distribute` strategy each trial trains under."""
+    if name in (None, "none"):
+        return None
+    import tensorflow as tf
+
+    if name in ("mirrored", "auto"):
+        if name == "auto" and len(tf.config.list_logical_devices("GPU")) < 2:
+            return None
+        return tf.distribute.MirroredStrategy()
+    raise ValueError(f"strategy {name!r} is not one of none, mirrored, auto")
+
+
+def _fail_silent_trials(oracle, timeout, every=5.0):
+    while True:
+        time.sleep(every)
+        oracle.fail_silent_trials(timeout)
+
+
 def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="local"):
     """Runs (or resumes) the search into `run_dir`.
 
@@ -229,21 +282,30 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         data: `hypermodel.transfer.TrainingData` (train + validation only).
         run_dir: The prepared run directory.
         feature_cache: Optional `FeatureCache`.
+        worker: "local"; in distributed mode "chief" (serves the oracle) or the worker id
+            (KERASTUNER_* variables must then be set: see `configure_distributed`).
 
     Returns:
         A dict: trials, completed, stopped_by_budget, best (best_hparams.json or None).
     """
     atomic.remove_stale_temporaries(run_dir)
+    atomic.make_keras_tuner_json_atomic()
     deadline = time.time() + settings.time_budget_s if settings.time_budget_s else None
     hypermodel = TransferHyperModel(
         settings.choices, data.num_classes, weights=settings.weights, batch_size=settings.batch_size,
         seed=settings.seed, early_stopping_patience=settings.early_stopping_patience,
         feature_cache=feature_cache,
     )
-    tuner = make_tuner(settings, hypermodel, run_dir, worker=worker, log=log, deadline=deadline)
+    tuner = make_tuner(settings, hypermodel, run_dir, worker=worker, log=log, deadline=deadline,
+                       distribution_strategy=distribution_strategy(settings.strategy))
     tensorboard = keras.callbacks.TensorBoard(
         log_dir=str(Path(run_dir) / "tensorboard"), write_graph=False, profile_batch=0
     )
+    if worker == "chief":
+        watchdog = threading.Thread(
+            target=_fail_silent_trials, args=(tuner.oracle, settings.worker_timeout_s), daemon=True
+        )
+        watchdog.start()
     tuner.search(data, callbacks=[tensorboard], verbose=settings.verbose)
     frame = leaderboard.write(run_dir)
     best = json.loads((Path(run_dir) / "best_hparams.json").read_text()) if (Path(run_dir) / "best_hparams.json").exists() else None
@@ -254,3 +316,23 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         "best": best,
         "leaderboard": frame,
     }
+
+
+def configure_distributed(role, oracle_address, worker_id=None):
+    """Sets KerasTuner's distributed-mode variables; returns this process's worker name.
+
+    Args:
+        role: "chief" (serves the oracle over gRPC) or "worker" (asks it for trials).
+        oracle_address: "HOST:PORT" of the chief.
+        worker_id: The worker's name (its `worker` column in the leaderboard).
+    """
+    from data_pipeline.errors import UsageError
+
+    host, _, port = oracle_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--oracle must be HOST:PORT, got {oracle_address!r}")
+    if role == "worker" and (not worker_id or "chief" in worker_id):
+        raise UsageError(f"--worker-id must be given for a worker and must not contain 'chief', got {worker_id!r}")
+    name = "chief" if role == "chief" else worker_id
+    os.environ.update(KERASTUNER_TUNER_ID=name, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
+    return name

@@ -1,0 +1,117 @@
+"""Feature cache vs end-to-end: the same trial, same seed, same data, timed both ways.
+
+    python benchmarks/feature_cache.py            # all cases (~15 min on 2 cores)
+    python benchmarks/feature_cache.py --quick    # smaller subsets
+
+Cases:
+- head_only: MobileNetV2 α0.5 at 96 px, ImageNet weights, unfrozen_blocks = 0.
+- resnet50: ResNet50 at 224 px, random weights, head only, on a small subset.
+- partial: MobileNetV2 α0.5 at 96 px, unfrozen_blocks = 3 (the cache holds the cut below).
+- smoke_search: a whole `--profile smoke` search with and without the cache (wall time).
+
+Epoch times are steady-state (the first epoch of each run, which pays tracing and, for
+the cache, the one-time feature computation, is reported separately). The last line is
+JSON: {"speedup_head_only", "speedup_partial", "speedup_resnet50_224", "accuracy_delta_pp",
+"smoke_search_speedup", ...}.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+from data_pipeline import load_dataset  # noqa: E402
+from data_pipeline.feature_cache import FeatureCache  # noqa: E402
+from hypermodel.space import TrialConfig  # noqa: E402
+from hypermodel.transfer import TrainingData, build_transfer_model, train  # noqa: E402
+from tuning.run import RunSettings, training_data  # noqa: E402
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def run_trial(cfg, data, epochs, weights, cache):
+    timer = EpochTimer()
+    model = build_transfer_model(cfg, data.num_classes, weights=weights, seed=0)
+    started = time.perf_counter()
+    history, mode = train(model, cfg, data, batch_size=64, seed=0, epochs=epochs, callbacks=[timer],
+                          feature_cache=cache)
+    return {
+        "mode": mode,
+        "total_s": round(time.perf_counter() - started, 2),
+        "first_epoch_s": round(timer.times[0], 2),
+        "steady_epoch_s": round(sum(timer.times[1:]) / max(1, len(timer.times) - 1), 3),
+        "val_accuracy": float(history.history["val_accuracy"][-1]),
+    }
+
+
+def compare(name, cfg, data, epochs, weights):
+    end_to_end = run_trial(cfg, data, epochs, weights, cache=None)
+    cached = run_trial(cfg, data, epochs, weights, cache=FeatureCache(None, budget_mb=8192, log=lambda m: None))
+    speedup = end_to_end["steady_epoch_s"] / cached["steady_epoch_s"]
+    delta = 100 * (cached["val_accuracy"] - end_to_end["val_accuracy"])
+    print(f"{name}: end-to-end {end_to_end}\n{name}: cached     {cached}\n"
+          f"{name}: steady epoch speedup {speedup:.1f}x, val accuracy delta {delta:+.2f} pp", flush=True)
+    return speedup, delta
+
+
+def subset(dataset, settings_kwargs):
+    settings = RunSettings(profile="bench", run_dir="-", **settings_kwargs)
+    return training_data(dataset, settings)
+
+
+def smoke_search(cache_flag):
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "search.py", "search", "--profile", "smoke", "--run-dir", f"{tmp}/run",
+                        "--time-budget", "0", cache_flag], check=True, capture_output=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+        return time.perf_counter() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    dataset = load_dataset()
+    n_train, n_val = (2000, 1000) if args.quick else (6000, 3000)
+    data = subset(dataset, {"train_subset": n_train, "val_subset": n_val})
+    mobilenet = dict(backbone="mobilenet_v2_0.5", resolution=96, pooling="avg", dense_units=256, dropout=0.2,
+                     learning_rate=1e-3, lr_schedule="cosine", warmup_epochs=0, optimizer="adam",
+                     augmentation="none")
+    results = {}
+    results["speedup_head_only"], results["accuracy_delta_pp"] = compare(
+        "head_only", TrialConfig(unfrozen_blocks=0, **mobilenet), data, epochs=3, weights="imagenet")
+    results["speedup_partial"], results["accuracy_delta_pp_partial"] = compare(
+        "partial", TrialConfig(unfrozen_blocks=3, **mobilenet), data, epochs=3, weights="imagenet")
+    small = TrainingData(data.x_train[:300], data.y_train[:300], data.x_val[:100], data.y_val[:100],
+                         data.num_classes, key=data.key + "-small")
+    resnet = dict(mobilenet, backbone="resnet50", resolution=224)
+    results["speedup_resnet50_224"], _ = compare(
+        "resnet50_224", TrialConfig(unfrozen_blocks=0, **resnet), small, epochs=2, weights="none")
+    without, with_cache = smoke_search("--no-feature-cache"), smoke_search("--feature-cache")
+    results["smoke_search_s"] = {"without_cache": round(without, 1), "with_cache": round(with_cache, 1)}
+    results["smoke_search_speedup"] = round(without / with_cache, 2)
+    results = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

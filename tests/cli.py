@@ -1,0 +1,48 @@
+"""Runs the real CLI (`python search.py ...`) in a subprocess, as a user would."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, timeout=600, cwd=ROOT, env=None):
+    """Returns the CompletedProcess of `python search.py ARGS` (text mode)."""
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "search.py"), *map(str, args)],
+        cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def start_cli(*args):
+    """Starts `python search.py ARGS` in its own process group (to SIGKILL it whole)."""
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "search.py"), *map(str, args)], cwd=ROOT, env=environment,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def wait_for(condition, timeout, interval=0.5):
+    """Polls `condition()` until it is true (→ True) or `timeout` s pass (→ False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if condition():
+                return True
+        except (OSError, ValueError, KeyError):
+            pass  # a file being replaced; poll again
+        time.sleep(interval)
+    return False
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,81 @@
+"""The frozen-prefix feature cache: exact cuts, reuse, invalidation, fall-back."""
+
+import numpy as np
+import pytest
+
+from data_pipeline import load_dataset
+from data_pipeline.feature_cache import FeatureCache
+from hypermodel.backbones import REGISTRY
+from hypermodel.space import TrialConfig
+from hypermodel.transfer import PREFIX_NAME, TOP_NAME, TrainingData, build_transfer_model, split_backbone, train
+
+
+@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"mobilenet_v2_0.35", "mobilenet_v2_1.0"}))
+def test_every_block_boundary_is_an_exact_cut(name):
+    backbone = REGISTRY[name]
+    base = backbone.build(32, weights="none")
+    ends = backbone.block_ends(base)
+    assert len(ends) >= 5 and ends[-1] == base.layers[-1].name
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    x = np.asarray(backbone.preprocess_input(x))
+    expected = base(x, training=False).numpy()
+    for unfrozen in range(1, len(ends)):
+        prefix, suffix = split_backbone(base, ends, unfrozen)
+        got = suffix(prefix(x, training=False), training=False).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=f"cut at {ends[-(unfrozen + 1)]}")
+
+
+def config(backbone="mobilenet_v2_0.35", resolution=32, unfrozen_blocks=0, augmentation="none"):
+    return TrialConfig(backbone, resolution, unfrozen_blocks, "avg", 64, 0.0, 1e-3, "constant", 0, "adam", augmentation)
+
+
+@pytest.fixture(scope="module")
+def data():
+    dataset = load_dataset()
+    return TrainingData(dataset.x_train[:256], dataset.y_train[:256], dataset.x_train[256:384],
+                        dataset.y_train[256:384], dataset.num_classes, key="slice")
+
+
+def test_cached_top_computes_the_end_to_end_function(data):
+    from data_pipeline.pipeline import make_dataset
+    from hypermodel.backbones import get_backbone
+
+    cfg = config(unfrozen_blocks=2)
+    model = build_transfer_model(cfg, 10)
+    features = FeatureCache(None).features(model.get_layer(PREFIX_NAME), cfg, data.x_val, "slice/val")
+    cached = model.get_layer(TOP_NAME).predict(features.astype("float32"), verbose=0)
+    images = make_dataset(data.x_val, None, 32, get_backbone(cfg.backbone).preprocess_input, 64)
+    end_to_end = model.predict(images, verbose=0)
+    np.testing.assert_allclose(cached, end_to_end, atol=2e-3)  # float16 storage
+    assert (cached.argmax(1) == end_to_end.argmax(1)).mean() >= 0.99
+
+
+def test_features_are_reused_across_trials_and_rebuilt_when_the_key_changes(data, tmp_path):
+    cache = FeatureCache(tmp_path)
+    for dense_units in (32, 64):  # two trials, same backbone/resolution/cut
+        cfg = TrialConfig("mobilenet_v2_0.35", 32, 0, "avg", dense_units, 0.0, 1e-3, "constant", 0, "adam", "none")
+        _, mode = train(build_transfer_model(cfg, 10), cfg, data, batch_size=64, seed=0, epochs=1,
+                        feature_cache=cache)
+        assert mode == "cached"
+    assert (cache.builds, cache.hits) == (2, 2)  # train + validation built once, then reused
+    for changed in (config(resolution=48), config(backbone="mobilenet_v2_0.5"), config(unfrozen_blocks=3)):
+        before = cache.builds
+        cache.features(build_transfer_model(changed, 10).get_layer(PREFIX_NAME), changed, data.x_val, "slice/val")
+        assert cache.builds == before + 1, changed
+    assert len(list(tmp_path.glob("*.npy"))) == 5
+    # A new cache over the same folder (a resumed run) reads them back instead of recomputing.
+    resumed = FeatureCache(tmp_path)
+    cfg = config()
+    resumed.features(build_transfer_model(cfg, 10).get_layer(PREFIX_NAME), cfg, data.x_val, "slice/val")
+    assert (resumed.builds, resumed.hits) == (0, 1)
+
+
+def test_over_budget_or_augmented_trials_fall_back_to_end_to_end(data):
+    tiny = FeatureCache(None, budget_mb=0)
+    _, mode = train(build_transfer_model(config(), 10), config(), data, batch_size=64, seed=0, epochs=1,
+                    feature_cache=tiny)
+    assert mode.startswith("end-to-end: cache") and "budget" in mode
+    augmented = config(augmentation="flip_shift")
+    _, mode = train(build_transfer_model(augmented, 10), augmented, data, batch_size=64, seed=0, epochs=1,
+                    feature_cache=FeatureCache(None))
+    assert mode == "end-to-end: augmentation"

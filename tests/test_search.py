@@ -1,0 +1,184 @@
+"""The HyperModel and the search: real smoke searches on a slice of Fashion-MNIST."""
+
+import glob
+import json
+
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from cli import run_cli
+from data_pipeline import load_dataset
+from data_pipeline.errors import DataError
+from hypermodel.backbones import usable_backbones
+from hypermodel.space import SearchChoices
+from tuning.leaderboard import COLUMNS
+from tuning.run import RunSettings, training_data
+from tuning.tuner import run_search
+
+
+def hparams_trials(tensorboard_dir):
+    """Trial ids whose event files carry HParams plugin data."""
+    trials = set()
+    for path in glob.glob(f"{tensorboard_dir}/*/execution0/events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            if any(v.metadata.plugin_data.plugin_name == "hparams" for v in event.summary.value):
+                trials.add(path.split("/")[-3])
+    return trials
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """A smoke search stopped by a 1 s budget after its first trial, then resumed."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    first = run_cli("search", "--profile", "smoke", "--run-dir", run_dir, "--time-budget", "1s")
+    first_board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str})
+    second = run_cli("search", "--profile", "smoke", "--run-dir", run_dir, "--time-budget", "0")
+    return run_dir, first, first_board, second
+
+
+def test_time_budget_stops_cleanly_and_resume_continues(smoke_run):
+    run_dir, first, first_board, second = smoke_run
+    assert first.returncode == 0, first.stderr
+    # No estimate exists before the first trial, so exactly one trial runs, then the
+    # oracle refuses a trial that cannot finish within the budget.
+    assert list(first_board["trial_id"]) == ["0000"]
+    assert "time budget reached" in first.stdout
+    assert second.returncode == 0, second.stderr
+    assert "Reloading Tuner" in second.stdout
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str})
+    assert board["trial_id"].is_unique
+    assert len(board) >= 4
+    # The first trial was kept, not redone.
+    kept = board[board["trial_id"] == "0000"].iloc[0]
+    assert kept["val_accuracy"] == pytest.approx(first_board.iloc[0]["val_accuracy"])
+    assert kept["seconds"] == pytest.approx(first_board.iloc[0]["seconds"])
+
+
+def test_run_dir_contract(smoke_run):
+    run_dir, _, _, second = smoke_run
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["settings"]["profile"] == "smoke"
+    assert config["data"]["checksum_status"] == "verified"
+    assert {"tensorflow", "keras", "keras_tuner"} <= set(config["versions"])
+    assert (run_dir / "tuner" / "oracle.json").is_file()
+
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str})
+    assert list(board.columns[: len(COLUMNS)]) == COLUMNS
+    assert set(board["status"]) == {"COMPLETED"}
+    assert set(board["worker"]) == {"local"}
+    assert board["val_accuracy"].between(0, 1).all()
+    # A real search: at least three hyperparameters take several values.
+    varied = [c for c in ("backbone", "unfrozen_blocks", "dense_units", "dropout", "learning_rate", "lr_schedule")
+              if board[c].nunique() > 1]
+    assert len(varied) >= 3, varied
+
+    best = json.loads((run_dir / "best_hparams.json").read_text())
+    assert best["val_accuracy"] == pytest.approx(board["val_accuracy"].max())
+    assert best["hyperparameters"]["backbone"] in ("mobilenet_v2_0.35", "mobilenet_v2_0.5")
+
+    # TensorBoard: one log dir per trial, each with HParams plugin data.
+    assert hparams_trials(run_dir / "tensorboard") == set(board["trial_id"])
+
+    # Console: where to look, one line per trial, and the top 5.
+    assert "tensorboard --logdir" in second.stdout
+    assert second.stdout.count("trial 0") >= len(board) - 1
+    assert "Top 5:" in second.stdout
+
+
+def test_changed_settings_refuse_to_resume(smoke_run, tmp_path):
+    run_dir = smoke_run[0]
+    before = sorted(p.name for p in run_dir.iterdir())
+    result = run_cli("search", "--profile", "smoke", "--run-dir", run_dir, "--resolutions", "64")
+    assert result.returncode == 2
+    assert "different settings (choices)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_named_backbone_without_weights_exits_2_naming_the_file(tmp_path):
+    result = run_cli("search", "--profile", "smoke", "--backbones", "resnet50", "--run-dir", tmp_path / "r")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len([l for l in lines if l.startswith("error:")]) == 1
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_default_list_drops_backbones_without_weights(capsys):
+    kept = usable_backbones(("mobilenet_v2_0.5", "vgg16", "mobilenet_v2_0.35"), explicit=False)
+    assert kept == ("mobilenet_v2_0.5", "mobilenet_v2_0.35")
+    assert "dropping vgg16" in capsys.readouterr().err
+    with pytest.raises(DataError, match="no ImageNet weights"):
+        usable_backbones(("vgg16",), explicit=False)
+
+
+def small_settings(tmp_path, **overrides):
+    base = dict(
+        profile="smoke", run_dir=str(tmp_path / "run"), tuner="random", max_trials=2, max_epochs=1,
+        train_subset=300, val_subset=100, batch_size=50,
+        choices=SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,), unfrozen_blocks=(0, 1)),
+    )
+    base.update(overrides)
+    return RunSettings(**base)
+
+
+def search_in_process(settings):
+    from tuning.run import prepare_run_dir
+
+    dataset = load_dataset()
+    run_dir = prepare_run_dir(settings, dataset)
+    return run_search(settings, training_data(dataset, settings), run_dir, log=lambda m: None), run_dir
+
+
+def test_random_weights_search(tmp_path):
+    result, run_dir = search_in_process(small_settings(tmp_path, weights="none"))
+    assert result["completed"] == 2
+    assert (run_dir / "best_hparams.json").is_file()
+
+
+@pytest.fixture
+def nan_above_learning_rate(monkeypatch):
+    """Forces a NaN loss in every trial whose learning rate exceeds 1e-2.
+
+    (Adam with a huge learning rate stays finite under Keras's clipped cross-entropy,
+    so divergence is injected where the trial compiles its model.)
+    """
+    import keras
+
+    from hypermodel import transfer
+
+    original = transfer.compile_for_training
+
+    def compile_with_nan(model, config, *args, **kwargs):
+        original(model, config, *args, **kwargs)
+        if config.learning_rate > 1e-2:
+            model.compile(optimizer=model.optimizer, loss=lambda y, p: keras.ops.mean(p) * float("nan"),
+                          metrics=["accuracy"])
+
+    monkeypatch.setattr(transfer, "compile_for_training", compile_with_nan)
+
+
+def test_diverging_trial_is_failed_and_search_goes_on(tmp_path, nan_above_learning_rate):
+    choices = SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,), unfrozen_blocks=(0,),
+                            learning_rate=(1e-3, 1e-1), lr_schedules=("constant",))
+    result, run_dir = search_in_process(small_settings(tmp_path, max_trials=4, seed=1, choices=choices))
+    board = result["leaderboard"]
+    failed = board[board["status"] == "FAILED"]
+    assert len(failed) >= 1 and (board["status"] == "COMPLETED").sum() >= 1, board[["status", "learning_rate"]]
+    assert failed["error"].str.contains("diverged").all()
+    assert (failed["learning_rate"] > 1e-2).all()
+    assert (board[board["status"] == "COMPLETED"]["learning_rate"] <= 1e-2).all()
+
+
+def test_consecutive_failures_stop_with_one_line(tmp_path, nan_above_learning_rate):
+    from tuning.jobs import SearchStopped, search
+
+    choices = SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,), unfrozen_blocks=(0,),
+                            learning_rate=(0.1, 1.0))
+    settings = small_settings(tmp_path, max_trials=5, choices=choices)
+    with pytest.raises(SearchStopped, match="3 trials in a row failed"):
+        search(settings)
+    board = pd.read_csv(tmp_path / "run" / "leaderboard.csv")
+    assert list(board["status"]) == ["FAILED"] * 3
