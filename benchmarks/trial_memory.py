@@ -126,12 +126,15 @@ def main(argv=None):
     ] + (["--verbose-log"] if args.verbose_log else [])
     for mode in ("off", "on"):
         command = base + ["--feature-cache", mode]
-        proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-        sys.stdout.write(proc.stdout)
-        sys.stdout.flush()
+        lines = []
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+            for line in proc.stdout:  # streamed, so a long run can be watched
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(line)
         if proc.returncode != 0:
             raise SystemExit(f"feature cache {mode}: exit {proc.returncode}")
-        last = json.loads(proc.stdout.strip().splitlines()[-1])
+        last = json.loads(lines[-1])
         results.append((last["rss_growth_mb"], mode, last))
     for growth, mode, last in results:
         print(f"feature cache {mode}: {last['trials']} trials, rss growth {growth:.1f} MB")

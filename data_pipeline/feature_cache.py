@@ -9,7 +9,8 @@ weights it shares. Hyperband rounds, later trials, resumes and the retrain's pha
 reuse it.
 
 Augmentation: a cached trial sees no random augmentation (the cache holds one
-un-augmented view). Trials whose `augmentation` is not "none" train end to end.
+un-augmented view). Trials whose `augmentation` is not "none" train end to end, and so
+do trials under a multi-device `tf.distribute` strategy.
 """
 
 import collections
@@ -53,6 +54,11 @@ class FeatureCache:
         prefix, top = model.get_layer(PREFIX_NAME), model.get_layer(TOP_NAME)
         if config.augmentation != "none":
             self.last_mode = "end-to-end: augmentation"
+            return None
+        if model.distribute_strategy.num_replicas_in_sync > 1:
+            # Multi-device trials are for accelerators, where end to end is affordable;
+            # the cached top's all-reduce is not supported here.
+            self.last_mode = "end-to-end: multi-device strategy"
             return None
         needed = self.nbytes(prefix, len(data.x_train) + len(data.x_val))
         if needed > self.budget_bytes:

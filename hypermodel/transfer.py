@@ -107,11 +107,13 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
         total_steps=steps_per_epoch * max(1, epochs),
         warmup_steps=steps_per_epoch * config.warmup_epochs,
     )
-    if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
-    else:
-        optimizer = keras.optimizers.Adam(schedule)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # The optimizer's variables must live under the strategy the model was built in.
+    with model.distribute_strategy.scope():
+        if config.optimizer == "adamw":
+            optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
+        else:
+            optimizer = keras.optimizers.Adam(schedule)
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
 class FailOnNaN(keras.callbacks.Callback):

@@ -97,14 +97,15 @@ from tuning.run import RunSettings, prepare_run_dir, training_data
 from tuning.tuner import distribution_strategy, run_search
 assert distribution_strategy("mirrored").num_replicas_in_sync == 2
 dataset = load_dataset()
-for cache in (None, FeatureCache(None)):
-    settings = RunSettings(profile="smoke", run_dir=sys.argv[1] + ("/cached" if cache else "/e2e"), tuner="random",
-                           max_trials=1, max_epochs=1, train_subset=200, val_subset=100, batch_size=50,
-                           strategy="mirrored", choices=SearchChoices(backbones=("mobilenet_v2_0.35",),
-                           resolutions=(32,), unfrozen_blocks=(1,)))
-    result = run_search(settings, training_data(dataset, settings), prepare_run_dir(settings, dataset),
-                        feature_cache=cache, log=print)
-    assert result["completed"] == 1, result["leaderboard"].to_dict("records")
+settings = RunSettings(profile="smoke", run_dir=sys.argv[1], tuner="random", max_trials=2, max_epochs=1,
+                       train_subset=200, val_subset=100, batch_size=50, strategy="mirrored",
+                       choices=SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,),
+                                             unfrozen_blocks=(1,)))
+result = run_search(settings, training_data(dataset, settings), prepare_run_dir(settings, dataset),
+                    feature_cache=FeatureCache(None), log=print)
+board = result["leaderboard"]
+assert list(board["status"]) == ["COMPLETED"] * 2, board.to_dict("records")
+assert (board["fit_mode"] == "end-to-end: multi-device strategy").all(), board["fit_mode"]
 print("MIRRORED OK")
 """
 

@@ -117,7 +117,7 @@ def test_a_corrupt_cache_file_is_detected_and_rebuilt(tmp_path):
     np.testing.assert_array_equal(first, again)
     # Same size, flipped bytes: caught by the sha256.
     raw = bytearray(path.read_bytes())
-    raw[-10:] = bytes(10)
+    raw[-10:] = bytes(b ^ 0xFF for b in raw[-10:])
     path.write_bytes(bytes(raw))
     cache = FeatureCache(tmp_path, log=messages.append)
     cache.features(prefix, config, images, "slice/train")

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cli import ROOT, run_cli
+from cli import run_cli
 from data_pipeline import load_dataset
 
 

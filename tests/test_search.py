@@ -182,3 +182,20 @@ def test_consecutive_failures_stop_with_one_line(tmp_path, nan_above_learning_ra
         search(settings)
     board = pd.read_csv(tmp_path / "run" / "leaderboard.csv")
     assert list(board["status"]) == ["FAILED"] * 3
+
+
+def test_gpu_profile_runs_on_cpu_with_a_tiny_budget(tmp_path):
+    """The gpu profile's code path (big backbones, mixed precision) on CPU, tiny inputs."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "search", "--profile", "gpu", "--weights", "none", "--resolutions", "32", "--train-subset", "200",
+        "--val-subset", "100", "--tuner", "random", "--max-trials", "2", "--max-epochs", "1", "--seed", "2",
+        "--run-dir", run_dir,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    settings = json.loads((run_dir / "config.json").read_text())["settings"]
+    assert settings["mixed_precision"] is True
+    assert set(settings["choices"]["backbones"]) == {"resnet50", "efficientnet_b0", "mobilenet_v2_1.0"}
+    board = pd.read_csv(run_dir / "leaderboard.csv")
+    assert list(board["status"]) == ["COMPLETED", "COMPLETED"]
+    assert set(board["backbone"]) <= {"resnet50", "efficientnet_b0", "mobilenet_v2_1.0"}

@@ -38,6 +38,8 @@ class BudgetedOracleMixin:
     deadline = None  # time.time() by which the search must be done; set per command.
 
     def populate_space(self, trial_id):
+        if getattr(self, "stop_reason", None):
+            return {"status": "STOPPED"}
         snapshot = copy.deepcopy(self.get_state())
         response = super().populate_space(trial_id)
         if response["status"] != "RUNNING":
@@ -79,14 +81,13 @@ class BudgetedOracleMixin:
         super().end_trial(trial)
 
     def _check_consecutive_failures(self):
+        # KerasTuner raises here, in the middle of `end_trial`, which leaves the trial
+        # unsaved and (on a distributed chief) still "ongoing", so the chief never exits.
+        # Instead, let `end_trial` finish and hand out no more trials.
         try:
             super()._check_consecutive_failures()
-        except RuntimeError:
-            # KerasTuner raises before saving the trial that tipped the count: save it,
-            # so the leaderboard shows it FAILED with its reason.
-            self._save_trial(self.trials[self.end_order[-1]])
-            self.save()
-            raise
+        except RuntimeError as e:
+            self.stop_reason = str(e).splitlines()[0]
 
     def estimate_seconds(self, values):
         if not self._epoch_seconds:
@@ -155,6 +156,7 @@ class TransferTuner(kt.Tuner):
 
     def __init__(self, oracle, hypermodel, run_dir, worker="local", log=print, **kwargs):
         self.run_dir = Path(run_dir)
+        self.max_epochs_per_trial = getattr(oracle, "max_epochs_per_trial", 1)
         self.worker = worker
         self.log = log
         self._trial_started = {}
@@ -171,7 +173,7 @@ class TransferTuner(kt.Tuner):
 
     def run_trial(self, trial, *args, **kwargs):
         if "tuner/epochs" not in trial.hyperparameters.values:  # random / bayesian
-            kwargs.setdefault("epochs", self.oracle.max_epochs_per_trial)
+            kwargs.setdefault("epochs", self.max_epochs_per_trial)
         histories = super().run_trial(trial, *args, **kwargs)
         self._epochs_ran = sum(len(h.epoch) for h in histories if hasattr(h, "epoch"))
         return histories
@@ -308,6 +310,9 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         watchdog.start()
     tuner.search(data, callbacks=[tensorboard], verbose=settings.verbose)
     frame = leaderboard.write(run_dir)
+    stop_reason = getattr(tuner.oracle, "stop_reason", None)
+    if stop_reason:
+        raise RuntimeError(stop_reason)
     best = json.loads((Path(run_dir) / "best_hparams.json").read_text()) if (Path(run_dir) / "best_hparams.json").exists() else None
     return {
         "trials": int(len(frame)),
