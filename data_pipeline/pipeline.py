@@ -12,7 +12,7 @@ import tensorflow as tf
 from data_pipeline.errors import UsageError
 
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 299
-AUGMENTATIONS = ("none", "flip_shift", "flip_shift_erase")
+AUGMENTATIONS = ("none", "flip", "flip_shift", "flip_shift_erase")
 
 
 def split_train_validation(labels, fraction=0.1, seed=0):
@@ -65,6 +65,8 @@ def augment_images(images, augmentation):
     images = tf.where(
         tf.random.uniform([batch, 1, 1, 1]) < 0.5, tf.reverse(images, axis=[2]), images
     )
+    if augmentation == "flip":
+        return images
     # Shift up to 2 px in each direction, zero fill (the background is black).
     shifts = tf.random.uniform([batch, 2], -2, 3, dtype=tf.int32)
     shifts = tf.cast(shifts, tf.float32)

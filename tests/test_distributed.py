@@ -66,13 +66,12 @@ def test_a_killed_worker_does_not_stall_the_search(tmp_path):
     chief, workers = launch(run_dir, free_port(), max_trials=6, workers=("w1", "w2"), worker_timeout="20s")
 
     def w1_mid_trial():
-        records = [json.loads(p.read_text()) for p in (run_dir / "trials").glob("*.json")]
-        if not any(r["worker"] == "w1" for r in records):
-            return False
-        state = json.loads((run_dir / "tuner" / "oracle.json").read_text())
-        return "w1" in state["ongoing_trials"]
+        """w1 has finished a trial and is now inside another one."""
+        records = {p.stem: json.loads(p.read_text()) for p in (run_dir / "trials").glob("*.json")}
+        ongoing = json.loads((run_dir / "tuner" / "oracle.json").read_text())["ongoing_trials"]
+        return any(r["worker"] == "w1" for r in records.values()) and ongoing.get("w1") not in (None, *records)
 
-    assert wait_for(w1_mid_trial, timeout=600), "w1 never started a second trial"
+    assert wait_for(w1_mid_trial, timeout=600, interval=0.2), "w1 never started a second trial"
     os.killpg(workers["w1"].pid, signal.SIGKILL)
     killed_trial = json.loads((run_dir / "tuner" / "oracle.json").read_text())["ongoing_trials"]["w1"]
     code, out = finish(workers["w2"])

@@ -52,14 +52,22 @@ class BudgetedOracleMixin:
         self._started[trial_id] = time.time()
         return response
 
+    def create_trial(self, tuner_id):
+        self._last_contact[tuner_id] = time.time()
+        return super().create_trial(tuner_id)
+
     def update_trial(self, trial_id, metrics, step=0):
         self._last_seen[trial_id] = time.time()  # a worker's heartbeat: it reports every epoch
         return super().update_trial(trial_id, metrics, step=step)
 
     @synchronized
     def fail_silent_trials(self, timeout):
-        """Ends as FAILED every running trial whose worker has not reported for `timeout` s,
-        so a dead worker cannot stall the search (the chief calls this periodically)."""
+        """Lets the search go on without dead workers (the chief calls this periodically).
+
+        A running trial whose worker has not reported for `timeout` s is ended as FAILED;
+        a worker with no trial that has not asked for one for `timeout` s is forgotten
+        (KerasTuner's chief otherwise waits for every worker it has seen to say goodbye).
+        """
         now = time.time()
         for tuner_id, trial in list(self.ongoing_trials.items()):
             last = self._last_seen.get(trial.trial_id) or self._started.get(trial.trial_id) or now
@@ -68,6 +76,10 @@ class BudgetedOracleMixin:
                 trial.status = "FAILED"
                 trial.message = f"worker {tuner_id} stopped reporting for {now - last:.0f} s: trial abandoned"
                 self.end_trial(trial)
+                self._last_contact[tuner_id] = last
+        for tuner_id in list(self.tuner_ids):
+            idle_since = self._last_contact.setdefault(tuner_id, now)
+            if tuner_id not in self.ongoing_trials and now - idle_since > timeout:
                 self.tuner_ids.discard(tuner_id)
 
     def end_trial(self, trial):
@@ -100,6 +112,11 @@ class BudgetedOracleMixin:
     def _started(self):
         self.__dict__.setdefault("_trial_started", {})
         return self.__dict__["_trial_started"]
+
+    @property
+    def _last_contact(self):
+        self.__dict__.setdefault("_tuner_last_contact", {})
+        return self.__dict__["_tuner_last_contact"]
 
     @property
     def _last_seen(self):

@@ -1,0 +1,60 @@
+"""The fixed hand recipe the search has to beat (issue 8), on the same data and scoring.
+
+    python benchmarks/hand_recipe.py --epochs 12      # the recipe as measured: 96 px, 12 epochs
+
+For a same-wall-clock comparison with the default job, give it as many epochs as fit in
+that job's wall time (its per-epoch time is printed as it trains).
+
+MobileNetV2 α 0.5 (ImageNet), 96 px, the whole backbone fine-tuned but its stem (BatchNorm
+frozen, inference mode), Adam with cosine decay from 1e-3, horizontal flips, dropout 0.2,
+trained on the full training split minus the same 10 % validation split the tool uses,
+scored once on the official test split. No search. Last line JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from data_pipeline import load_dataset  # noqa: E402
+from hypermodel.space import TrialConfig  # noqa: E402
+from hypermodel.transfer import build_transfer_model, train  # noqa: E402
+from tuning.retrain import evaluate_test  # noqa: E402
+from tuning.run import RunSettings, training_data  # noqa: E402
+
+RECIPE = TrialConfig(
+    backbone="mobilenet_v2_0.5", resolution=96, unfrozen_blocks=99, pooling="avg", dense_units=256,
+    dropout=0.2, learning_rate=1e-3, lr_schedule="cosine", warmup_epochs=0, optimizer="adam",
+    augmentation="flip",
+)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--resolution", type=int, default=RECIPE.resolution)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    started = time.time()
+    dataset = load_dataset()
+    data = training_data(dataset, RunSettings(profile="hand", run_dir="-"))
+    config = TrialConfig(**{**RECIPE.to_dict(), "resolution": args.resolution})
+    model = build_transfer_model(config, dataset.num_classes)
+    history, _ = train(model, config, data, batch_size=args.batch_size, seed=0, epochs=args.epochs, verbose=2)
+    metrics = evaluate_test(model, config, dataset)
+    print(json.dumps({
+        "recipe": "mobilenet_v2_0.5 full fine-tune, flips, cosine 1e-3",
+        "resolution": args.resolution, "epochs": len(history.epoch),
+        "val_accuracy": round(float(history.history["val_accuracy"][-1]), 4),
+        "test_accuracy": round(metrics["test_accuracy"], 4),
+        "wall_s": round(time.time() - started, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
