@@ -46,7 +46,7 @@ class FeatureCache:
         self.hits = self.builds = 0
         self.last_mode = None
 
-    def fit_top(self, model, config, data, batch_size, epochs, initial_epoch, callbacks, verbose,
+    def fit_top(self, model, config, data, batch_size, seed, epochs, initial_epoch, callbacks, verbose,
                 learning_rate=None):
         """Trains `model`'s top on cached features; None (reason in `last_mode`) if it can't."""
         from hypermodel.transfer import PREFIX_NAME, TOP_NAME, AtomicCheckpoint, compile_for_training
@@ -70,8 +70,9 @@ class FeatureCache:
         callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]
         self.last_mode = "cached"
         return top.fit(
-            train, data.y_train, validation_data=(val, data.y_val), batch_size=batch_size,
-            epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose, shuffle=True,
+            feature_batches(train, data.y_train, batch_size, seed),
+            validation_data=feature_batches(val, data.y_val, batch_size),
+            epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
         )
 
     @staticmethod
@@ -146,6 +147,29 @@ class FeatureCache:
         np.save(buffer, array, allow_pickle=False)
         atomic.write_bytes(self._path(digest), buffer.getvalue())
         atomic.write_json(self._path(digest).with_suffix(".json"), {"key": key, "sha256": _sha(array)})
+
+
+def feature_batches(features, labels, batch_size, shuffle_seed=None):
+    """Batches of cached features in exactly the order `make_dataset` batches the images.
+
+    tf.data's shuffle order depends only on the element count and the seeds, so
+    shuffling indices with the same seed reproduces the end-to-end pipeline's batches.
+    Features are gathered from the NumPy array per batch (no giant graph constant).
+    """
+    ds = tf.data.Dataset.range(len(features))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(features), seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def gather(indices):
+        return features[indices].astype(np.float32), labels[indices].astype(np.int32)
+
+    def load(indices):
+        x, y = tf.numpy_function(gather, [indices], (tf.float32, tf.int32))
+        x.set_shape([None, *features.shape[1:]])
+        y.set_shape([None])
+        return x, y
+
+    return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def _sha(array):

@@ -253,7 +253,7 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
     compile_for_training(model, config, steps, epochs - initial_epoch, learning_rate)
     if feature_cache is not None:
         history = feature_cache.fit_top(
-            model, config, data, batch_size, epochs, initial_epoch, callbacks, verbose, learning_rate
+            model, config, data, batch_size, seed, epochs, initial_epoch, callbacks, verbose, learning_rate
         )
         if history is not None:
             return history, feature_cache.last_mode
