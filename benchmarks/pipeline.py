@@ -75,13 +75,13 @@ def time_pipeline(x, y, size, preprocess_input, batch_size):
     from data_pipeline.pipeline import make_dataset
 
     ds = make_dataset(x, y, size, preprocess_input, batch_size=batch_size, shuffle_seed=0)
-    count, started = 0, time.perf_counter()
+    count, started, cpu_started = 0, time.perf_counter(), time.process_time()
     for images, _ in ds:
         count += int(images.shape[0])
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     assert count == len(x), (count, len(x))
     assert tuple(images.shape[1:]) == (size, size, 3), images.shape
-    return count, seconds
+    return count, seconds, cpu_seconds
 
 
 def release_freed_memory():
@@ -118,15 +118,16 @@ def time_model(x, y, size, preprocess_input, batch_size, batches):
     warm = next(iterator)[0]
     forward(warm).numpy()  # trace + first run
     del warm
-    count, seconds = 0, 0.0
+    count, seconds, cpu_seconds = 0, 0.0, 0.0
     for _ in range(batches):
         images = next(iterator)[0]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         out = forward(images)
         out.numpy()  # block until done
         seconds += time.perf_counter() - started
+        cpu_seconds += time.process_time() - cpu_started
         count += int(images.shape[0])
-    return count, seconds, tuple(out.shape[1:])
+    return count, seconds, cpu_seconds, tuple(out.shape[1:])
 
 
 def main(argv=None):
@@ -161,27 +162,30 @@ def main(argv=None):
               f"up front): {len(x)}x{args.size}x{args.size}x3x4 B = {nbytes / 2**20:,.0f} MB "
               f"({nbytes / 2**30:.1f} GiB), not allocated", flush=True)
 
-    count, seconds = time_pipeline(x, y, args.size, preprocess_input, args.batch_size)
+    count, seconds, cpu_seconds = time_pipeline(x, y, args.size, preprocess_input, args.batch_size)
     images_per_s = count / seconds
     pipeline_peak = monitor.peak_mb()
-    print(f"pipeline: {count} images in {seconds:.1f} s = {images_per_s:.0f} images/s "
+    print(f"pipeline: {count} images in {seconds:.1f} s = {images_per_s:.0f} images/s; "
+          f"{cpu_seconds:.0f} CPU s = {count / cpu_seconds:.0f} images per CPU s "
           f"(peak rss so far {pipeline_peak:.0f} MB)", flush=True)
     release_freed_memory()
     print(f"rss after the pipeline pass: {monitor.now_mb():.0f} MB", flush=True)
 
-    m_count, m_seconds, out_shape = time_model(
+    m_count, m_seconds, m_cpu_seconds, out_shape = time_model(
         x, y, args.size, preprocess_input, args.model_batch_size, args.model_batches
     )
     model_images_per_s = m_count / m_seconds
     print(f"ResNet50 (frozen, weights=None, training=False) at {args.size} px, batch "
           f"{args.model_batch_size}: {m_count} images in "
-          f"{m_seconds:.1f} s = {model_images_per_s:.1f} images/s (output {out_shape})", flush=True)
+          f"{m_seconds:.1f} s = {model_images_per_s:.1f} images/s; {m_cpu_seconds:.0f} CPU s = "
+          f"{m_count / m_cpu_seconds:.1f} images per CPU s (output {out_shape})", flush=True)
 
     monitor.stop()
     peak = monitor.peak_mb()
     ratio = images_per_s / model_images_per_s
     print(f"ratio pipeline/model: {ratio:.1f} (goal >= {GOAL_RATIO:g}: "
-          f"{'met' if ratio >= GOAL_RATIO else 'NOT met'})")
+          f"{'met' if ratio >= GOAL_RATIO else 'NOT met'}); per CPU second, less sensitive to other "
+          f"load on a shared machine: {(count / cpu_seconds) / (m_count / m_cpu_seconds):.1f}")
     print(f"peak rss whole process: {peak:.0f} MB (goal <= {GOAL_PEAK_RSS_MB}: "
           f"{'met' if peak <= GOAL_PEAK_RSS_MB else 'NOT met'})", flush=True)
     print(json.dumps({

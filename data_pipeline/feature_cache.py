@@ -93,7 +93,7 @@ class FeatureCache:
         if array is None:
             backbone = get_backbone(config.backbone)
             ds = make_dataset(images, None, config.resolution, backbone.preprocess_input, batch_size)
-            forward = tf.function(lambda x: tf.cast(prefix(x, training=False), tf.float16))
+            forward = tf.function(lambda x: tf.cast(prefix(x, training=False), tf.float16), reduce_retracing=True)
             array = np.concatenate([forward(batch).numpy() for batch in ds])
             self.builds += 1
             self._save(digest, key, array)

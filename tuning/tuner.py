@@ -177,6 +177,7 @@ class TransferTuner(kt.Tuner):
         self.worker = worker
         self.log = log
         self._trial_started = {}
+        self._gradients_before_trial = set()
         # kt.Tuner's constructor, also for HyperbandTransferTuner (whose kt.Hyperband
         # parent would otherwise build an oracle of its own).
         kt.Tuner.__init__(self, oracle, hypermodel, directory=str(run_dir), project_name=PROJECT_NAME, **kwargs)
@@ -197,6 +198,7 @@ class TransferTuner(kt.Tuner):
 
     def on_trial_begin(self, trial):
         super().on_trial_begin(trial)
+        self._gradients_before_trial = _custom_gradient_keys()
         self._trial_started[trial.trial_id] = time.time()
         self._epochs_ran = 0
         self.hypermodel.last_fit_mode = None
@@ -217,6 +219,7 @@ class TransferTuner(kt.Tuner):
         finally:
             frame = leaderboard.write(self.run_dir)
             self._print_trial(trial, record, frame)
+            _forget_custom_gradients(self._gradients_before_trial)
             gc.collect()
 
     def _print_trial(self, trial, record, frame):
@@ -239,6 +242,29 @@ class TransferTuner(kt.Tuner):
         )
 
 
+def _custom_gradient_keys():
+    try:
+        from tensorflow.python.framework import ops
+
+        return {k for k in ops._gradient_registry._registry if k.startswith("CustomGradient-")}
+    except AttributeError:  # a TensorFlow without this private registry
+        return set()
+
+
+def _forget_custom_gradients(keep):
+    """Drops the custom gradients registered during a trial (tensorflow/tensorflow#80895).
+
+    Each traced Keras train step registers a `CustomGradient-<uid>` (the optimizer's
+    all-reduce) in TensorFlow's global gradient registry, which pins the whole traced
+    graph forever: 20-40 MB per trial that `clear_session()` never frees
+    (benchmarks/trial_memory.py). The trial's functions are dead by now.
+    """
+    from tensorflow.python.framework import ops
+
+    for key in _custom_gradient_keys() - keep:
+        ops._gradient_registry._registry.pop(key, None)
+
+
 class HyperbandTransferTuner(TransferTuner, kt.Hyperband):
     """TransferTuner with Hyperband's trial logic: epochs per round, and each round
     continuing from the previous round's best checkpoint."""
@@ -248,7 +274,7 @@ def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadlin
     """Builds the tuner chosen by `settings.tuner`, resuming any state in `run_dir/tuner`."""
     common = dict(
         objective=kt.Objective("val_accuracy", "max"),
-        seed=settings.seed,
+        seed=settings.seed + 1,  # KerasTuner takes seed 0 for "no seed" (a random one)
         max_retries_per_trial=0,
         max_consecutive_failed_trials=settings.max_consecutive_failures,
     )
