@@ -3,8 +3,9 @@
     python benchmarks/kill_resume.py [--kills 5] [--seed 0]
 
 First an uninterrupted run measures the job's wall time T. Then, for each kill, a fresh
-job is SIGKILLed (whole process group) at a random moment in (0.05 T, 0.95 T) — during
-the search, the retrain, the export or the report — and the same command is rerun. For
+job is SIGKILLed (whole process group) at a random moment in its own slice of
+(0.05 T, 0.95 T), so the kills spread over the search, the retrain, the export and the
+report, and the same command is rerun. For
 each kill it prints the stage that was interrupted, how many trials had finished
 (kept), how many were in flight (lost and redone; the goal is at most 1), and whether
 the rerun finished with a consistent leaderboard. The last line is JSON.
@@ -72,7 +73,7 @@ def main():
         results = []
         for i in range(args.kills):
             run_dir = Path(tmp) / f"kill{i}"
-            at = rng.uniform(0.05, 0.95) * total
+            at = (0.05 + 0.9 * (i + rng.random()) / args.kills) * total  # one moment per slice of the job
             process = job(run_dir)
             time.sleep(at)
             interrupted = stage(run_dir)

@@ -8,14 +8,14 @@ the end of the warm-up trials (trial 3 by default: TensorFlow, Keras and the tun
 have then allocated what they keep) to the end of the last trial. Goal: <= 200 MB
 over 30 trials.
 
-    python benchmarks/trial_memory.py [--feature-cache off|on|both] [--trials 30] [--apply-proposed-fix]
+    python benchmarks/trial_memory.py [--feature-cache off|on|both] [--trials 30]
 
 With `both`, each mode runs in its own subprocess (so neither sees the other's
 memory) and the harder case — the larger growth — is reported last. The last line
 printed is JSON: {"trials": N, "rss_growth_mb": ...}.
 
-Finding (see benchmarks/RESULTS.md): without a fix the RSS grows by 20-45 MB per
-trial. Each trace of a Keras train step calls `tf.distribute` `all_reduce` on the
+Finding (see benchmarks/RESULTS.md): before the fix now in tuning/tuner.py the RSS grew
+by 20-45 MB per trial. Each trace of a Keras train step calls `tf.distribute` `all_reduce` on the
 gradients (keras/src/backend/tensorflow/optimizer.py `_all_reduce_sum_gradients`),
 which in graph mode wraps them in `tf.custom_gradient`; TensorFlow registers that
 gradient as "CustomGradient-<uid>" in its global gradient registry
@@ -23,9 +23,8 @@ gradient as "CustomGradient-<uid>" in its global gradient registry
 its closure pins the whole traced FuncGraph of the step (thousands of ops) for the
 life of the process (tensorflow/tensorflow#80895). `keras.backend.clear_session()`
 and `gc.collect()`, which KerasTuner already calls before every build, do not
-reach it. `--apply-proposed-fix` patches `TransferTuner` in this process only (not
-the repository) to drop, at the end of each trial, the registry entries created
-during that trial: the fix proposed for tuning/tuner.py.
+reach it. `TransferTuner` therefore drops, at the end of each trial, the registry
+entries created during that trial (`tuning.tuner._forget_custom_gradients`).
 """
 
 import argparse
@@ -51,32 +50,6 @@ def rss_mb():
     return psutil.Process().memory_info().rss / 2**20
 
 
-def apply_proposed_fix():
-    """In-process stand-in for the fix proposed for `tuning.tuner.TransferTuner`:
-    snapshot the CustomGradient registry keys at trial begin, delete the new ones at
-    trial end (the trial's model and its traced functions are dead by then)."""
-    from tensorflow.python.framework import ops as tf_ops
-
-    from tuning.tuner import TransferTuner
-
-    registry = tf_ops._gradient_registry._registry
-    original_begin, original_end = TransferTuner.on_trial_begin, TransferTuner.on_trial_end
-
-    def custom_gradients():
-        return {name for name in registry if name.startswith("CustomGradient-")}
-
-    def on_trial_begin(self, trial):
-        self._custom_gradients_before = custom_gradients()
-        original_begin(self, trial)
-
-    def on_trial_end(self, trial):
-        for name in custom_gradients() - getattr(self, "_custom_gradients_before", set()):
-            registry.pop(name, None)
-        original_end(self, trial)  # ends with gc.collect(), which now frees the graphs
-
-    TransferTuner.on_trial_begin, TransferTuner.on_trial_end = on_trial_begin, on_trial_end
-
-
 def run_one(args, feature_cache):
     """One search in this process; returns the result dict (also printed as JSON)."""
     from data_pipeline import load_dataset
@@ -85,8 +58,6 @@ def run_one(args, feature_cache):
     from tuning.run import RunSettings, prepare_run_dir, training_data
     from tuning.tuner import run_search
 
-    if args.apply_proposed_fix:
-        apply_proposed_fix()
     samples = []  # (trial number, rss MB, seconds since start)
     started = time.time()
 
@@ -119,8 +90,7 @@ def run_one(args, feature_cache):
         if feature_cache:
             cache = FeatureCache(run_dir / "feature_cache", budget_mb=settings.cache_budget_mb, log=log)
         before = rss_mb()
-        print(f"feature cache {'on' if feature_cache else 'off'}"
-              f"{' (proposed fix applied in-process)' if args.apply_proposed_fix else ''}: "
+        print(f"feature cache {'on' if feature_cache else 'off'}: "
               f"{args.trials} random-search trials, "
               f"{args.backbone} @ {args.resolution} px, {len(data.x_train)} train / {len(data.x_val)} val "
               f"images, 1 epoch each; rss before the search {before:.1f} MB", flush=True)
@@ -152,8 +122,6 @@ def main(argv=None):
     parser.add_argument("--backbone", default="mobilenet_v2_0.35")
     parser.add_argument("--warmup-trials", type=int, default=3)
     parser.add_argument("--verbose-log", action="store_true", help="also print the tuner's other log lines")
-    parser.add_argument("--apply-proposed-fix", action="store_true",
-                        help="patch TransferTuner in this process to drop each trial's CustomGradient registrations")
     args = parser.parse_args(argv)
 
     if args.feature_cache != "both":
@@ -168,7 +136,7 @@ def main(argv=None):
         "--train-subset", str(args.train_subset), "--val-subset", str(args.val_subset),
         "--resolution", str(args.resolution), "--backbone", args.backbone,
         "--warmup-trials", str(args.warmup_trials),
-    ] + (["--verbose-log"] if args.verbose_log else []) + (["--apply-proposed-fix"] if args.apply_proposed_fix else [])
+    ] + (["--verbose-log"] if args.verbose_log else [])
     for mode in ("off", "on"):
         command = base + ["--feature-cache", mode]
         lines = []
