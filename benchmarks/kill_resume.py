@@ -1,6 +1,6 @@
 """Kill -9 the whole smoke job at random moments, rerun it, and count what each kill lost.
 
-    python benchmarks/kill_resume.py [--kills 5] [--seed 0]
+    python benchmarks/kill_resume.py [--kills 5] [--seed 0] [--at 0.6 0.8]
 
 First an uninterrupted run measures the job's wall time T. Then, for each kill, a fresh
 job is SIGKILLed (whole process group) at a random moment in its own slice of
@@ -54,7 +54,8 @@ def stage(run_dir):
         return "report"
     if (run_dir / "metrics.json").exists():
         return "export"
-    if any((run_dir / "tensorboard" / "retrain").glob("*")):
+    timings = run_dir / "timings.json"
+    if any((run_dir / "tensorboard" / "retrain").glob("*")) or (timings.exists() and "search" in timings.read_text()):
         return "retrain"
     return "search"
 
@@ -63,7 +64,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--at", type=float, nargs="+", help="kill at these fractions of T instead")
     args = parser.parse_args()
+    if args.at:
+        args.kills = len(args.at)
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.time()
@@ -73,7 +77,7 @@ def main():
         results = []
         for i in range(args.kills):
             run_dir = Path(tmp) / f"kill{i}"
-            at = (0.05 + 0.9 * (i + rng.random()) / args.kills) * total  # one moment per slice of the job
+            at = (args.at[i] if args.at else 0.05 + 0.9 * (i + rng.random()) / args.kills) * total
             process = job(run_dir)
             time.sleep(at)
             interrupted = stage(run_dir)
