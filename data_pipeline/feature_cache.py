@@ -73,6 +73,7 @@ class FeatureCache:
             feature_batches(train, data.y_train, batch_size, seed),
             validation_data=feature_batches(val, data.y_val, batch_size),
             epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
+            shuffle=False,  # feature_batches already shuffles, in the image pipeline's order
         )
 
     @staticmethod
