@@ -35,15 +35,13 @@ def show_data(path):
 
 
 def _setup(settings):
-    """Loads the data (refusing bad input before anything is written) and the run dir."""
-    from tuning.run import training_data
-
+    """Loads the data (refusing bad input before anything is written) and sets the precision."""
     dataset = load_dataset(settings.data)
     if settings.mixed_precision:
         import keras
 
         keras.mixed_precision.set_global_policy("mixed_float16")
-    return dataset, training_data(dataset, settings)
+    return dataset
 
 
 def search(settings, overwrite=False):
@@ -57,7 +55,10 @@ def search(settings, overwrite=False):
     worker = "local"
     if settings.distributed:
         worker = configure_distributed(settings.distributed, settings.oracle, settings.worker_id)
-    dataset, data = _setup(settings)
+    from tuning.run import training_data
+
+    dataset = _setup(settings)
+    data = training_data(dataset, settings)
     run_dir = prepare_run_dir(settings, dataset, overwrite=overwrite)
     log(f"run dir: {run_dir}")
     log(f"watch it: python search.py tensorboard --run-dir {run_dir}   "
@@ -108,7 +109,7 @@ def _reopen(run_dir):
 
     record = read_config(run_dir)
     settings = RunSettings.from_dict(record["settings"])
-    dataset, _ = _setup(settings)
+    dataset = _setup(settings)
     if dataset.checksum != record["data"]["checksum"]:
         raise UsageError(f"the data at {settings.data or 'data/fashion-mnist'} changed since {run_dir} was searched")
     import dataclasses
