@@ -11,6 +11,7 @@ same function as the end-to-end model, without recomputing the prefix every epoc
 import dataclasses
 import math
 import os
+import time
 
 import keras
 import keras_tuner as kt
@@ -123,6 +124,36 @@ class FailOnNaN(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise kt.errors.FailedTrialError(f"loss became {loss} at batch {batch}: training diverged")
+
+
+class StopAtDeadline(keras.callbacks.Callback):
+    """Stops training when another epoch as long as the last one would end past `deadline`.
+
+    The safety net of a time-fitted run (`epochs_that_fit` plans the epochs; a machine
+    that slows down mid-run still ends on time, one epoch short).
+    """
+
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+        self.epoch_started = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
+        if now + (now - self.epoch_started) > self.deadline:
+            self.model.stop_training = True
+
+
+class _StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.ends = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -271,3 +302,31 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         callbacks=callbacks, verbose=verbose, shuffle=False,  # tf.data already shuffles
     )
     return history, mode
+
+
+def epochs_that_fit(seconds, model, config, data, batch_size, seed, timed_steps=24, warmup_steps=8):
+    """How many end-to-end epochs of `model` on `data` fit in `seconds`.
+
+    Times real training steps (the run's pipeline and augmentation; the first
+    `warmup_steps` absorb tracing and tf.data's warm-up: with 4 of them and 12 timed
+    steps one estimate came out 40 % high), then restores the weights, so the caller's
+    schedule can be planned over the epochs that will actually run.
+
+    Returns:
+        (epochs, estimated seconds per epoch including validation); epochs ≥ 1.
+    """
+    weights = model.get_weights()
+    steps_per_epoch = math.ceil(len(data.x_train) / batch_size)
+    compile_for_training(model, config, steps_per_epoch, 1)
+    train_ds = make_dataset(
+        data.x_train, data.y_train, config.resolution, get_backbone(config.backbone).preprocess_input,
+        batch_size, shuffle_seed=seed, augmentation=config.augmentation,
+    )
+    timer = _StepTimer()
+    # repeat(): a small training set may have fewer batches than the timing needs.
+    model.fit(train_ds.repeat().take(warmup_steps + timed_steps), callbacks=[timer], verbose=0)
+    model.set_weights(weights)
+    step_s = (timer.ends[-1] - timer.ends[warmup_steps - 1]) / (len(timer.ends) - warmup_steps)
+    # Validation is a forward pass: about a third of a training step per batch.
+    epoch_s = step_s * (steps_per_epoch + math.ceil(len(data.x_val) / batch_size) / 3)
+    return max(1, int(seconds // epoch_s)), epoch_s

@@ -36,6 +36,7 @@ def test_whole_smoke_job_is_sane(job):
     for section in ("## Data", "### Top 10", "### Best hyperparameters", "## Retraining", "## Test evaluation",
                     "## Wall time", "## Serving the model"):
         assert section in report
+    assert "Flip test-time augmentation" in report
     assert (run_dir / "tensorboard" / "retrain" / "phase1").is_dir()
 
 

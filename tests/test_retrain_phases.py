@@ -1,11 +1,19 @@
-"""Two-phase retraining: which weights each phase trains, and who reads the test split."""
+"""Two-phase retraining: which weights each phase trains, who reads the test split, the job deadline, TTA."""
+
+import dataclasses
+import re
+import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from data_pipeline import load_dataset
+from data_pipeline.pipeline import prepare_images
 from hypermodel import transfer
-from hypermodel.space import SearchChoices
+from hypermodel.backbones import get_backbone
+from hypermodel.space import SearchChoices, TrialConfig
+from tuning.export import serving_function
 from tuning import retrain as retrain_module
 from tuning.run import RunSettings, prepare_run_dir, training_data
 from tuning.tuner import run_search
@@ -106,3 +114,53 @@ def test_test_split_is_read_only_by_the_final_evaluation(searched, monkeypatch):
         assert not np.shares_memory(split, dataset.x_test)
     retrain_module.retrain(run_dir, settings, dataset, data, log=lambda m: None)
     assert evaluation["calls"] == 1
+
+
+def test_phase2_fills_the_time_left_before_the_job_deadline(searched):
+    """With a deadline, phase 2 is timed, planned to fit and ends on time, with its own augmentation."""
+    settings, dataset, run_dir = searched
+    settings = dataclasses.replace(settings, retrain_augmentation="flip_shift_erase", phase2_lr_factor=0.5)
+    finish_by = time.time() + 45
+    logs = []
+    metrics = retrain_module.retrain(
+        run_dir, settings, dataset, training_data(dataset, settings),
+        deadline=finish_by + retrain_module.FINISH_RESERVE_S, log=lambda m: logs.append((time.time(), m)),
+    )
+    planned = [int(re.search(r"(\d+) epochs fit before", m).group(1)) for _, m in logs if "fit before" in m]
+    ended = [t for t, m in logs if m.strip().startswith("phase2:") and "best val_accuracy" in m]
+    assert planned and planned[0] >= 3, logs  # 400 images at 32 px: several epochs fit in the ~40 s left
+    assert 1 <= metrics["phase2"]["epochs"] <= planned[0]
+    assert ended[0] <= finish_by + 10  # StopAtDeadline: at most one (short) epoch late
+    assert metrics["phase1"]["augmentation"] == "none" and metrics["phase2"]["augmentation"] == "flip_shift_erase"
+    assert metrics["phase2"]["learning_rate"] == pytest.approx(metrics["phase1"]["learning_rate"] * 0.5)
+    tta = metrics["tta"]
+    assert tta["used"] == (tta["val_accuracy_flip"] > tta["val_accuracy_plain"])
+
+
+def test_epochs_that_fit_leaves_the_weights_untouched(searched):
+    settings, dataset, _ = searched
+    data = training_data(dataset, settings)
+    config = TrialConfig("mobilenet_v2_0.35", 32, 2, "avg", 64, 0.0, 1e-3, "constant", 0, "adam", "flip")
+    model = transfer.build_transfer_model(config, dataset.num_classes)
+    transfer.set_unfrozen_blocks_trainable(model, True)
+    before = [w.copy() for w in model.get_weights()]
+    epochs, epoch_s = transfer.epochs_that_fit(600, model, config, data, batch_size=50, seed=0)
+    assert epoch_s > 0 and epochs == max(1, int(600 // epoch_s))
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_flip_tta_export_averages_each_image_with_its_mirror():
+    dataset = load_dataset()
+    config = TrialConfig("mobilenet_v2_0.35", 48, 0, "avg", 64, 0.0, 1e-3, "constant", 0, "adam", "none")
+    model = transfer.build_transfer_model(config, dataset.num_classes)
+    preprocess = get_backbone(config.backbone).preprocess_input
+    images = dataset.x_test[:16]
+    served = {
+        tta: serving_function(model, 48, preprocess, dataset.class_names, tta)(tf.constant(images))["probabilities"]
+        for tta in (False, True)
+    }
+    plain = model.predict(prepare_images(images, 48, preprocess), verbose=0)
+    mirrored = model.predict(prepare_images(images[:, :, ::-1], 48, preprocess), verbose=0)
+    np.testing.assert_allclose(served[False].numpy(), plain, atol=1e-5)
+    np.testing.assert_allclose(served[True].numpy(), (plain + mirrored) / 2, atol=1e-5)
+    assert np.abs(plain - mirrored).max() > 1e-3  # the mirror really is a different input

@@ -51,10 +51,13 @@ def build_parser():
     search.add_argument("--batch-size", type=int)
     search.add_argument("--train-subset", type=int, help="training images used (0 = all)")
     search.add_argument("--val-subset", type=int, help="validation images used (0 = all)")
+    search.add_argument("--retrain-subset", type=int, help="training images of the final retrain (0 = all)")
     search.add_argument("--validation-fraction", type=float)
     search.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=None)
     search.add_argument("--cache-budget", type=int, help="feature cache budget in MB")
     search.add_argument("--epochs", type=int, help="retrain: epochs of each phase (default: from the search)")
+    search.add_argument("--job-time-budget", type=_duration,
+                        help="whole job: the retrain's last phase gets as many epochs as fit in it; 0 = none")
     search.add_argument("--distributed", choices=["chief", "worker"],
                         help="KerasTuner distributed mode: the chief serves the oracle, workers run trials")
     search.add_argument("--oracle", help="HOST:PORT of the chief's oracle (default 127.0.0.1:8000)")
@@ -205,6 +208,9 @@ def resolve_settings(args):
         batch_size=profile.batch_size,
         retrain_epochs=profile.retrain_epochs,
         retrain_subset=profile.retrain_subset,
+        retrain_augmentation=profile.retrain_augmentation,
+        phase2_lr_factor=profile.phase2_lr_factor,
+        job_time_budget_s=profile.job_time_budget_s,
         early_stopping_patience=profile.early_stopping_patience,
         mixed_precision=profile.mixed_precision,
         verbose=args.verbose,
@@ -212,10 +218,14 @@ def resolve_settings(args):
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     if args.time_budget is not None:
         settings.time_budget_s = args.time_budget or None
+    if args.job_time_budget is not None:
+        settings.job_time_budget_s = args.job_time_budget or None
     if args.train_subset is not None:
         settings.train_subset = args.train_subset or None
     if args.val_subset is not None:
         settings.val_subset = args.val_subset or None
+    if args.retrain_subset is not None:
+        settings.retrain_subset = args.retrain_subset or None
     if settings.weights == "imagenet":
         usable = usable_backbones(settings.choices.backbones, explicit=bool(args.backbones))
         settings.choices = dataclasses.replace(settings.choices, backbones=usable)

@@ -3,7 +3,8 @@
 The `serving_default` signature takes `images` uint8 [batch, 28, 28] and does
 gray→RGB, resize and the backbone's preprocessing inside (the same
 `prepare_images` the training pipeline uses), so a server needs nothing from this
-project. It returns `probabilities` float32 [batch, K], `class_id` int64 [batch]
+project. When the retrain found flip test-time augmentation to help on validation,
+the signature averages each image's prediction with its mirror's. It returns `probabilities` float32 [batch, K], `class_id` int64 [batch]
 and `class_name` string [batch].
 """
 
@@ -18,7 +19,7 @@ from data_pipeline import atomic
 from data_pipeline.errors import UsageError
 from data_pipeline.pipeline import prepare_images
 from hypermodel.backbones import get_backbone
-from tuning.retrain import read_best
+from tuning.retrain import flip_images, read_best
 
 PARITY_IMAGES = 512
 PARITY_TOLERANCE = 1e-5
@@ -35,13 +36,22 @@ def load_trained_model(run_dir):
     return keras.models.load_model(path, compile=False, safe_mode=True)
 
 
-def serving_function(model, resolution, preprocess_input, class_names):
+def predict_probabilities(model, images, tta=False):
+    """The model's float32 probabilities for preprocessed images, flip-averaged if `tta`."""
+    probabilities = tf.cast(model(images, training=False), tf.float32)
+    if tta:
+        flipped = tf.cast(model(flip_images(images), training=False), tf.float32)
+        probabilities = (probabilities + flipped) / 2
+    return probabilities
+
+
+def serving_function(model, resolution, preprocess_input, class_names, tta=False):
     """The raw-uint8 → {probabilities, class_id, class_name} function that gets exported."""
     names = tf.constant(list(class_names))
 
     @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="images")])
     def serve(images):
-        probabilities = tf.cast(model(prepare_images(images, resolution, preprocess_input), training=False), tf.float32)
+        probabilities = predict_probabilities(model, prepare_images(images, resolution, preprocess_input), tta)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
         return {"probabilities": probabilities, "class_id": class_id, "class_name": tf.gather(names, class_id)}
 
@@ -58,30 +68,34 @@ def export(run_dir, dataset, log=print):
     _, config = read_best(run_dir)
     model = load_trained_model(run_dir)
     backbone = get_backbone(config.backbone)
-    serve = serving_function(model, config.resolution, backbone.preprocess_input, dataset.class_names)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    tta = bool(metrics.get("tta", {}).get("used"))  # decided on validation by the retrain
+    serve = serving_function(model, config.resolution, backbone.preprocess_input, dataset.class_names, tta)
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serving_default", serve)
     images = dataset.x_test[:PARITY_IMAGES]
     with atomic.directory(run_dir / "export") as tmp:
         archive.write_out(str(tmp), verbose=False)
-        parity = check_parity(tmp, model, images, config.resolution, backbone.preprocess_input)
+        parity = check_parity(tmp, model, images, config.resolution, backbone.preprocess_input, tta)
         if not parity["passed"]:
             raise ParityError(f"exported model disagrees with the trained one: {parity}")
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    metrics["export"] = {"dir": str(run_dir / "export"), **parity}
+    metrics["export"] = {"dir": str(run_dir / "export"), "flip_tta": tta, **parity}
     atomic.write_json(metrics_path, metrics)
     log(f"exported {run_dir / 'export'} (parity on {parity['images']} images: max |Δp| "
         f"{parity['max_abs_diff']:.2e}, same classes: {parity['same_classes']})")
     return parity
 
 
-def check_parity(export_dir, model, images, resolution, preprocess_input):
+def check_parity(export_dir, model, images, resolution, preprocess_input, tta=False):
     """Compares the reloaded SavedModel's probabilities with the Keras model's."""
     reloaded = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
     served = reloaded(images=tf.constant(images))["probabilities"].numpy()
-    expected = model.predict(prepare_images(images, resolution, preprocess_input), verbose=0)
+    prepared = prepare_images(images, resolution, preprocess_input)
+    expected = np.concatenate([
+        predict_probabilities(model, prepared[i : i + 128], tta).numpy() for i in range(0, len(images), 128)
+    ])
     diff = float(np.abs(served - expected).max())
     same = bool(np.array_equal(served.argmax(1), expected.argmax(1)))
     return {

@@ -128,8 +128,12 @@ def _check_run(run_dir):
     read_best(run_dir)
 
 
-def retrain(run_dir, epochs=None, verbose=0):
-    """`search.py retrain`: two-phase retrain of the best trial, then the test evaluation."""
+def retrain(run_dir, epochs=None, verbose=0, deadline=None):
+    """`search.py retrain`: two-phase retrain of the best trial, then the test evaluation.
+
+    Args:
+        deadline: `time.time()` the whole job should end by (phase 2 is fitted to it).
+    """
     from data_pipeline.feature_cache import FeatureCache
     from tuning.retrain import retrain as retrain_best
 
@@ -138,7 +142,10 @@ def retrain(run_dir, epochs=None, verbose=0):
     settings.verbose = max(settings.verbose, verbose)
     cache = FeatureCache(Path(run_dir) / "feature_cache", settings.cache_budget_mb, log=log) if settings.feature_cache else None
     started = time.time()
-    retrain_best(run_dir, settings, dataset, data, epochs=epochs or settings.epochs, feature_cache=cache, log=log)
+    retrain_best(
+        run_dir, settings, dataset, data, epochs=epochs or settings.epochs, feature_cache=cache,
+        deadline=deadline, log=log,
+    )
     _record_stage(run_dir, "retrain", time.time() - started)
     return 0
 
@@ -189,7 +196,8 @@ def whole_job(settings, overwrite=False):
     if settings.distributed == "worker":
         return 0  # the chief retrains and exports, once
     run_dir = Path(settings.run_dir)
-    retrain(run_dir, epochs=settings.epochs)
+    deadline = started + settings.job_time_budget_s if settings.job_time_budget_s else None
+    retrain(run_dir, epochs=settings.epochs, deadline=deadline)
     export(run_dir)
     report(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -64,11 +64,16 @@ def write_report(run_dir, log=print):
                 lines.append(f"- {phase}: skipped ({p['skipped']})")
             elif p:
                 lines.append(f"- {phase}: {p['epochs']} epochs at lr {p['learning_rate']:.2e} [{p['mode']}], "
+                             f"augmentation {p.get('augmentation', 'as searched')}, "
                              f"best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s")
         lines += ["", "![learning curves](learning_curves.png)", "",
                   "## Test evaluation", "", "![confusion matrix](confusion_matrix.png)", ""]
         per_class = pd.DataFrame(metrics["per_class"]).T.reset_index(names="class")
         lines += [markdown_table(per_class, ["class", "precision", "recall", "f1", "support"]), ""]
+        tta = metrics.get("tta")
+        if tta:
+            lines += [f"Flip test-time augmentation {'used' if tta['used'] else 'not used'}: validation accuracy "
+                      f"{tta['val_accuracy_plain']:.4f} plain, {tta['val_accuracy_flip']:.4f} flip-averaged.", ""]
         export = metrics.get("export")
         if export:
             lines += [f"Export parity: {export['images']} images, max |Δp| {export['max_abs_diff']:.2e}, "

@@ -2,10 +2,14 @@
 
     Phase 1: backbone frozen, head trained at the chosen learning rate.
     Phase 2: the chosen top blocks unfrozen (BatchNorm frozen, inference mode),
-             learning rate 10× lower, same schedule shape.
-Both phases stop early on validation accuracy and restore their best weights.
+             a lower learning rate (the profile's `phase2_lr_factor`, 0.1 by default),
+             same schedule shape, optionally a stronger augmentation; with a job
+             deadline, as many epochs as fit before it (timed, not guessed).
+Both phases stop early on validation accuracy and restore their best weights. Flip
+test-time augmentation is then kept if it helps on validation.
 """
 
+import dataclasses
 import io
 import json
 import time
@@ -14,15 +18,18 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 import numpy as np
+import tensorflow as tf
 
 from data_pipeline import atomic
 from data_pipeline.errors import DataError, UsageError, UserError
 from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
 from hypermodel.space import config_from_values
-from hypermodel.transfer import build_transfer_model, set_unfrozen_blocks_trainable, train
+from hypermodel.transfer import (
+    StopAtDeadline, build_transfer_model, epochs_that_fit, set_unfrozen_blocks_trainable, train,
+)
 
-PHASE2_LR_FACTOR = 0.1
+FINISH_RESERVE_S = 150  # after phase 2: TTA check, test evaluation, export with parity, report
 
 
 class DivergedError(UserError):
@@ -45,7 +52,7 @@ def read_best(run_dir):
     return best, config
 
 
-def retrain(run_dir, settings, dataset, data, epochs=None, feature_cache=None, log=print):
+def retrain(run_dir, settings, dataset, data, epochs=None, feature_cache=None, deadline=None, log=print):
     """Retrains the best configuration in two phases, evaluates on test, saves model.keras.
 
     Args:
@@ -53,38 +60,51 @@ def retrain(run_dir, settings, dataset, data, epochs=None, feature_cache=None, l
         settings: The run's `RunSettings`.
         dataset: The `Dataset` (its test split is read here, once, at the end).
         data: `TrainingData` for the retrain (train + validation).
-        epochs: Epochs of each phase; default from the search (the best trial's epochs).
+        epochs: Epochs of each phase; default from the profile or the search.
+        deadline: `time.time()` by which the whole job should end; phase 2 then gets as
+            many epochs as fit before it (less `FINISH_RESERVE_S` for test and export).
 
     Returns:
         The metrics dict written to metrics.json.
     """
     run_dir = Path(run_dir)
     best, config = read_best(run_dir)
-    phase1_epochs, phase2_epochs = _phase_epochs(best, settings, epochs)
+    phase1_epochs, phase2_epochs = _phase_epochs(best, settings, epochs, deadline)
+    phase2_config = dataclasses.replace(config, augmentation=settings.retrain_augmentation or config.augmentation)
     log(f"retraining trial {best['trial_id']} (val_accuracy {best['val_accuracy']:.4f}): "
         f"{config.backbone} {config.resolution}px, unfrozen_blocks={config.unfrozen_blocks}; "
-        f"phase 1 {phase1_epochs} epochs, phase 2 {phase2_epochs} epochs")
+        f"phase 1 {phase1_epochs} epochs, phase 2 {phase2_epochs or 'as many epochs as fit'}")
     model = build_transfer_model(config, data.num_classes, settings.weights, settings.seed)
     histories = {}
-    for phase, epochs_, lr, trainable in (
-        ("phase1", phase1_epochs, config.learning_rate, False),
-        ("phase2", phase2_epochs, config.learning_rate * PHASE2_LR_FACTOR, True),
+    for phase, epochs_, lr, phase_config in (
+        ("phase1", phase1_epochs, config.learning_rate, config),
+        ("phase2", phase2_epochs, config.learning_rate * settings.phase2_lr_factor, phase2_config),
     ):
         if phase == "phase2" and config.unfrozen_blocks == 0:
             histories[phase] = {"skipped": "unfrozen_blocks = 0: nothing to unfreeze"}
             continue
-        set_unfrozen_blocks_trainable(model, trainable)
+        set_unfrozen_blocks_trainable(model, phase == "phase2")
         started = time.time()
         callbacks = [
-            keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=settings.early_stopping_patience,
-                restore_best_weights=True,
-            ),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / "retrain" / phase), write_graph=False),
         ]
+        patience = settings.early_stopping_patience
+        if epochs_ is None:  # phase 2 fitted to the job's deadline
+            finish_by = deadline - FINISH_RESERVE_S
+            epochs_, epoch_s = epochs_that_fit(
+                finish_by - time.time(), model, phase_config, data, settings.batch_size, settings.seed
+            )
+            callbacks.append(StopAtDeadline(finish_by))
+            # The schedule decays over exactly these epochs: run them all (augmented
+            # validation accuracy dips early on), keep the best.
+            patience = epochs_
+            log(f"  phase2: {epoch_s:.0f} s per epoch, {epochs_} epochs fit before the job's deadline")
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True,
+        ))
         try:
             history, mode = train(
-                model, config, data, batch_size=settings.batch_size, seed=settings.seed, epochs=epochs_,
+                model, phase_config, data, batch_size=settings.batch_size, seed=settings.seed, epochs=epochs_,
                 learning_rate=lr, callbacks=callbacks, feature_cache=feature_cache, verbose=settings.verbose,
             )
         except kt.errors.FailedTrialError as e:
@@ -98,27 +118,53 @@ def retrain(run_dir, settings, dataset, data, epochs=None, feature_cache=None, l
             "epochs": len(history.epoch),
             "seconds": round(time.time() - started, 1),
             "learning_rate": lr,
+            "augmentation": phase_config.augmentation,
             "mode": mode,
         }
         log(f"  {phase}: {len(history.epoch)} epochs [{mode}], best val_accuracy "
             f"{histories[phase]['best_val_accuracy']:.4f} ({histories[phase]['seconds']:.0f} s)")
     set_unfrozen_blocks_trainable(model, True)
     save_model(model, run_dir / "model.keras")
-    metrics = evaluate_test(model, config, dataset, settings.batch_size)
-    metrics.update(histories, trial_id=best["trial_id"], hyperparameters=config.to_dict())
+    tta = choose_tta(model, config, data, settings.batch_size)
+    log(f"  flip TTA: validation accuracy {tta['val_accuracy_plain']:.4f} plain, {tta['val_accuracy_flip']:.4f} "
+        f"flip-averaged: {'used' if tta['used'] else 'not used'}")
+    metrics = evaluate_test(model, config, dataset, settings.batch_size, tta=tta["used"])
+    metrics.update(histories, tta=tta, trial_id=best["trial_id"], hyperparameters=config.to_dict())
     atomic.write_json(run_dir / "metrics.json", metrics)
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), dataset.class_names, run_dir / "confusion_matrix.png")
     log(f"test accuracy: {metrics['test_accuracy']:.4f} ({len(dataset.y_test)} test images)")
     return metrics
 
 
-def _phase_epochs(best, settings, epochs):
+def _phase_epochs(best, settings, epochs, deadline):
+    """(phase 1, phase 2) epochs; phase 2 None = fit it to the deadline."""
     if epochs:
         return epochs, epochs
-    if settings.retrain_epochs:
-        return tuple(settings.retrain_epochs)
-    needed = max(1, int(best.get("epochs") or settings.max_epochs))
-    return needed, needed
+    searched = max(1, int(best.get("epochs") or settings.max_epochs))
+    phase1, phase2 = settings.retrain_epochs or (None, None)
+    if deadline is not None:
+        return phase1 or searched, None
+    return phase1 or searched, phase2 or searched
+
+
+def choose_tta(model, config, data, batch_size):
+    """Flip test-time augmentation, kept only if it raises validation accuracy.
+
+    Decided on the validation split, so the test split stays read once.
+    """
+    backbone = get_backbone(config.backbone)
+    ds = make_dataset(data.x_val, None, config.resolution, backbone.preprocess_input, batch_size)
+    plain = model.predict(ds, verbose=0)
+    flipped = model.predict(ds.map(flip_images), verbose=0)
+    plain_accuracy = float(np.mean(plain.argmax(1) == data.y_val))
+    flip_accuracy = float(np.mean((plain + flipped).argmax(1) == data.y_val))
+    return {"val_accuracy_plain": plain_accuracy, "val_accuracy_flip": flip_accuracy,
+            "used": flip_accuracy > plain_accuracy}
+
+
+def flip_images(images):
+    """Horizontal flip of a preprocessed NHWC batch."""
+    return tf.reverse(images, axis=[2])
 
 
 def save_model(model, path):
@@ -128,11 +174,18 @@ def save_model(model, path):
     tmp.replace(path)
 
 
-def evaluate_test(model, config, dataset, batch_size=128):
-    """The one place the test split is read: accuracy, per-class P/R/F1, confusion matrix."""
+def evaluate_test(model, config, dataset, batch_size=128, tta=False):
+    """The one place the test split is read: accuracy, per-class P/R/F1, confusion matrix.
+
+    Args:
+        tta: Average the predictions of each image and its horizontal flip.
+    """
     backbone = get_backbone(config.backbone)
     ds = make_dataset(dataset.x_test, None, config.resolution, backbone.preprocess_input, batch_size)
-    predicted = np.argmax(model.predict(ds, verbose=0), axis=1)
+    probabilities = model.predict(ds, verbose=0)
+    if tta:
+        probabilities = probabilities + model.predict(ds.map(flip_images), verbose=0)
+    predicted = np.argmax(probabilities, axis=1)
     truth = dataset.y_test
     k = dataset.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)

@@ -22,7 +22,7 @@ from data_pipeline import atomic
 CONFIG_FILE = "config.json"
 # Settings that may differ when a run is resumed (they do not change what is searched).
 RESUMABLE_SETTINGS = {
-    "time_budget_s", "verbose", "epochs", "distributed", "oracle", "worker_id", "worker_timeout_s", "strategy",
+    "time_budget_s", "job_time_budget_s", "retrain_subset", "verbose", "epochs", "distributed", "oracle", "worker_id", "worker_timeout_s", "strategy",
 }
 
 
@@ -48,6 +48,9 @@ class RunSettings:
     batch_size: int = 64
     retrain_epochs: tuple = None
     retrain_subset: int = None
+    retrain_augmentation: str = None
+    phase2_lr_factor: float = 0.1
+    job_time_budget_s: float = None
     early_stopping_patience: int = 2
     mixed_precision: bool = False
     feature_cache: bool = True
