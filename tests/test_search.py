@@ -191,20 +191,25 @@ def test_consecutive_failures_stop_with_one_line(tmp_path, nan_above_learning_ra
 
 
 def test_gpu_profile_runs_on_cpu_with_a_tiny_budget(tmp_path):
-    """The gpu profile's whole job (big backbones, mixed precision, a job deadline) on CPU, tiny inputs."""
+    """The gpu profile's whole job (mixed precision, batch 128, a job deadline) on CPU, tiny inputs.
+
+    MobileNetV2 1.0 stands in for ResNet50 here: the retrain's validation (6k images) and
+    test (10k) passes would cost ResNet50 minutes on 2 cores.
+    """
     run_dir = tmp_path / "run"
     result = run_cli(
-        "--profile", "gpu", "--weights", "none", "--resolutions", "32", "--unfrozen-blocks", "4",
+        "--profile", "gpu", "--backbones", "mobilenet_v2_1.0", "--weights", "none", "--resolutions", "32",
+        "--unfrozen-blocks", "4",
         "--train-subset", "200", "--val-subset", "100", "--retrain-subset", "300", "--tuner", "random",
         "--max-trials", "2", "--max-epochs", "1", "--seed", "2", "--job-time-budget", "200s", "--run-dir", run_dir,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     settings = json.loads((run_dir / "config.json").read_text())["settings"]
     assert settings["mixed_precision"] is True
-    assert set(settings["choices"]["backbones"]) == {"resnet50", "efficientnet_b0", "mobilenet_v2_1.0"}
+    assert settings["batch_size"] == 128 and settings["job_time_budget_s"] == 200
     board = pd.read_csv(run_dir / "leaderboard.csv")
     assert list(board["status"]) == ["COMPLETED", "COMPLETED"]
-    assert set(board["backbone"]) <= {"resnet50", "efficientnet_b0", "mobilenet_v2_1.0"}
+    assert set(board["backbone"]) == {"mobilenet_v2_1.0"}
     assert "epochs fit before the job's deadline" in result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["phase2"]["augmentation"] == "flip_shift_erase" and metrics["phase2"]["epochs"] >= 1
