@@ -4,7 +4,8 @@ The `serving_default` signature takes `images` uint8 [batch, 28, 28] and does
 gray→RGB, resize and the backbone's preprocessing inside (the same
 `prepare_images` the training pipeline uses), so a server needs nothing from this
 project. When the retrain found flip test-time augmentation to help on validation,
-the signature averages each image's prediction with its mirror's. It returns `probabilities` float32 [batch, K], `class_id` int64 [batch]
+the signature averages each image's prediction with its mirror's. It returns
+`probabilities` float32 [batch, K], `class_id` int64 [batch]
 and `class_name` string [batch].
 """
 
