@@ -33,7 +33,8 @@ from data_pipeline import load_dataset  # noqa: E402
 from data_pipeline.feature_cache import FeatureCache  # noqa: E402
 from hypermodel.space import TrialConfig  # noqa: E402
 from hypermodel.transfer import TrainingData, build_transfer_model, train  # noqa: E402
-from tuning.run import RunSettings, training_data  # noqa: E402
+from tuning.jobs import search_data
+from tuning.settings import Settings  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -73,8 +74,8 @@ def compare(name, cfg, data, epochs, weights):
 
 
 def subset(dataset, settings_kwargs):
-    settings = RunSettings(profile="bench", run_dir="-", **settings_kwargs)
-    return training_data(dataset, settings)
+    settings = Settings(profile="bench", run_dir="-", **settings_kwargs)
+    return search_data(dataset, settings)
 
 
 def smoke_search(cache_flag):

@@ -28,7 +28,8 @@ from data_pipeline import load_dataset  # noqa: E402
 from hypermodel.space import TrialConfig  # noqa: E402
 from hypermodel.transfer import build_transfer_model, epochs_that_fit, train  # noqa: E402
 from tuning.retrain import evaluate_test  # noqa: E402
-from tuning.run import RunSettings, training_data  # noqa: E402
+from tuning.jobs import search_data
+from tuning.settings import Settings  # noqa: E402
 
 RECIPE = TrialConfig(
     backbone="mobilenet_v2_0.5", resolution=96, unfrozen_blocks=99, pooling="avg", dense_units=256,
@@ -48,7 +49,7 @@ def main():
     args = parser.parse_args()
     started = time.time()
     dataset = load_dataset()
-    data = training_data(dataset, RunSettings(profile="hand", run_dir="-"))
+    data = search_data(dataset, Settings(profile="hand", run_dir="-"))
     config = TrialConfig(**{**RECIPE.to_dict(), "resolution": args.resolution})
     model = build_transfer_model(config, dataset.num_classes)
     epochs = args.epochs

@@ -24,7 +24,7 @@ its closure pins the whole traced FuncGraph of the step (thousands of ops) for t
 life of the process (tensorflow/tensorflow#80895). `keras.backend.clear_session()`
 and `gc.collect()`, which KerasTuner already calls before every build, do not
 reach it. `TransferTuner` therefore drops, at the end of each trial, the registry
-entries created during that trial (`tuning.tuner._forget_custom_gradients`).
+entries created during that trial (`common.shims.forget_custom_gradients`).
 """
 
 import argparse
@@ -55,7 +55,9 @@ def run_one(args, feature_cache):
     from data_pipeline import load_dataset
     from data_pipeline.feature_cache import FeatureCache
     from hypermodel.space import SearchChoices
-    from tuning.run import RunSettings, prepare_run_dir, training_data
+    from tuning.jobs import search_data
+    from tuning.run_dir import prepare_run_dir
+    from tuning.settings import Settings
     from tuning.tuner import run_search
 
     samples = []  # (trial number, rss MB, seconds since start)
@@ -70,7 +72,7 @@ def run_one(args, feature_cache):
             print(message, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="trial_memory_") as tmp:
-        settings = RunSettings(
+        settings = Settings(
             profile="benchmark",
             run_dir=str(Path(tmp) / "run"),
             tuner="random",
@@ -84,7 +86,7 @@ def run_one(args, feature_cache):
             max_consecutive_failures=args.trials,
         )
         dataset = load_dataset()
-        data = training_data(dataset, settings)
+        data = search_data(dataset, settings)
         run_dir = prepare_run_dir(settings, dataset)
         cache = None
         if feature_cache:

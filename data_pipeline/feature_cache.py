@@ -1,28 +1,24 @@
 """Frozen-prefix feature cache: compute the frozen part of a backbone once, not every epoch.
 
-A trial's model is `frozen_prefix → trainable_top` (hypermodel/transfer.py). With
+A trial's model is `frozen_prefix → trainable_top` (hypermodel/model.py). With
 BatchNorm frozen, the prefix's output for an image never changes, so it is computed
-once per key — (backbone, weights, resolution, cut layer, data) — stored as float16
-in RAM (up to the budget) and on disk (atomically, verified on load), and the trial
-trains `trainable_top` on it: the same function as the end-to-end model, whose
-weights it shares. Hyperband rounds, later trials, resumes and the retrain's phase 1
-reuse it.
-
-Augmentation: a cached trial sees no random augmentation (the cache holds one
-un-augmented view). Trials whose `augmentation` is not "none" train end to end, and so
-do trials under a multi-device `tf.distribute` strategy.
+once per key — (backbone, weights, resolution, cut layer, data) — and stored as
+float16 in RAM (up to the budget) and on disk (atomically, verified on load).
+`hypermodel.training` trains `trainable_top` on it; Hyperband rounds, later trials,
+resumes and the retrain's phase 1 reuse it. This module only computes and stores
+activations: it never compiles or fits a model.
 """
 
 import collections
 import hashlib
 import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from common import atomic
 from data_pipeline.pipeline import make_dataset
 
 BYTES_PER_VALUE = 2  # float16 storage
@@ -44,47 +40,22 @@ class FeatureCache:
         self.log = log
         self._memory = collections.OrderedDict()  # key hash → float16 array, LRU order
         self.hits = self.builds = 0
-        self.last_mode = None
-
-    def fit_top(self, model, config, data, batch_size, seed, epochs, initial_epoch, callbacks, verbose,
-                learning_rate=None):
-        """Trains `model`'s top on cached features; None (reason in `last_mode`) if it can't."""
-        from hypermodel.transfer import PREFIX_NAME, TOP_NAME, AtomicCheckpoint, compile_for_training
-
-        prefix, top = model.get_layer(PREFIX_NAME), model.get_layer(TOP_NAME)
-        if config.augmentation != "none":
-            self.last_mode = "end-to-end: augmentation"
-            return None
-        if model.distribute_strategy.num_replicas_in_sync > 1:
-            # Multi-device trials are for accelerators, where end to end is affordable;
-            # the cached top's all-reduce is not supported here.
-            self.last_mode = "end-to-end: multi-device strategy"
-            return None
-        needed = self.nbytes(prefix, len(data.x_train) + len(data.x_val))
-        if needed > self.budget_bytes:
-            self.last_mode = f"end-to-end: cache {needed / 2**20:.0f} MB > budget {self.budget_bytes / 2**20:.0f} MB"
-            return None
-        train = self.features(prefix, config, data.x_train, data.key + "/train", batch_size)
-        val = self.features(prefix, config, data.x_val, data.key + "/val", batch_size)
-        compile_for_training(top, config, math.ceil(len(train) / batch_size), epochs - initial_epoch, learning_rate)
-        callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]
-        self.last_mode = "cached"
-        return top.fit(
-            feature_batches(train, data.y_train, batch_size, seed),
-            validation_data=feature_batches(val, data.y_val, batch_size),
-            epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
-            shuffle=False,  # feature_batches already shuffles, in the image pipeline's order
-        )
 
     @staticmethod
     def nbytes(prefix, count):
         return count * int(np.prod(prefix.output.shape[1:])) * BYTES_PER_VALUE
 
-    def features(self, prefix, config, images, data_key, batch_size=128):
-        """The prefix's float16 output for `images`, computed at most once per key."""
-        from hypermodel.backbones import get_backbone
+    def features(self, prefix, images, source, resolution, preprocess_input, data_key, batch_size=128):
+        """The prefix's float16 output for `images`, computed at most once per key.
 
-        key = self.key(prefix, config, data_key)
+        Args:
+            prefix: The frozen prefix model.
+            images: uint8 N×28×28 images.
+            source: Names the network the prefix was cut from (e.g. the backbone).
+            resolution, preprocess_input: How images are prepared for the prefix.
+            data_key: Identifies `images` (dataset checksum + split).
+        """
+        key = self.key(prefix, source, resolution, data_key)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         if digest in self._memory:
             self._memory.move_to_end(digest)
@@ -92,13 +63,12 @@ class FeatureCache:
             return self._memory[digest]
         array = self._load(digest, key, len(images))
         if array is None:
-            backbone = get_backbone(config.backbone)
-            ds = make_dataset(images, None, config.resolution, backbone.preprocess_input, batch_size)
+            ds = make_dataset(images, None, resolution, preprocess_input, batch_size)
             forward = tf.function(lambda x: tf.cast(prefix(x, training=False), tf.float16), reduce_retracing=True)
             array = np.concatenate([forward(batch).numpy() for batch in ds])
             self.builds += 1
             self._save(digest, key, array)
-            self.log(f"  feature cache: built {key['cut']} of {config.backbone}@{config.resolution} "
+            self.log(f"  feature cache: built {key['cut']} of {source}@{resolution} "
                      f"for {data_key.rsplit('/', 1)[-1]} ({array.nbytes / 2**20:.0f} MB)")
         else:
             self.hits += 1
@@ -106,12 +76,12 @@ class FeatureCache:
         return array
 
     @staticmethod
-    def key(prefix, config, data_key):
+    def key(prefix, source, resolution, data_key):
         """Everything the cached activations depend on."""
         return {
-            "backbone": config.backbone,
+            "backbone": source,
             "weights": _fingerprint(prefix),
-            "resolution": config.resolution,
+            "resolution": resolution,
             "cut": prefix.layers[-1].name,
             "shape": list(prefix.output.shape[1:]),
             "data": data_key,
@@ -142,7 +112,7 @@ class FeatureCache:
     def _save(self, digest, key, array):
         if self.directory is None:
             return
-        from data_pipeline import atomic
+        from common import atomic
 
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)

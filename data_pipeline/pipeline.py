@@ -1,4 +1,4 @@
-"""Split and feed data through tf.data without ever materialising resized copies.
+"""Feed data through tf.data without ever materialising resized copies.
 
 The raw uint8 28×28 images (47 MB for 60k) are what is cached. Each batch is then
 cast, augmented at 28×28 (cheap), turned gray→RGB, resized to the backbone's input
@@ -9,34 +9,9 @@ resolution or the dataset size.
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
 
-MIN_RESOLUTION, MAX_RESOLUTION = 32, 299
 AUGMENTATIONS = ("none", "flip", "flip_shift", "flip_shift_erase")
-
-
-def split_train_validation(labels, fraction=0.1, seed=0):
-    """A stratified, seeded split of training indices into train and validation.
-
-    Args:
-        labels: int vector of training labels.
-        fraction: Share of each class that goes to validation (0 < fraction < 1).
-        seed: Seed of the permutation; the same seed gives the same split.
-
-    Returns:
-        (train_indices, validation_indices), sorted int64 arrays, disjoint.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise UsageError(f"validation fraction must be in (0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
-    validation = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        take = max(1, int(round(fraction * len(members))))
-        validation.append(rng.permutation(members)[:take])
-    validation = np.sort(np.concatenate(validation))
-    train = np.setdiff1d(np.arange(len(labels)), validation)
-    return train, validation
 
 
 def prepare_images(images, resolution, preprocess_input):
@@ -116,7 +91,7 @@ def make_dataset(
     Args:
         images: uint8 N×28×28 numpy array.
         labels: int vector, or None for unlabeled data.
-        resolution: Side of the square model input, 32..299.
+        resolution: Side of the square model input.
         preprocess_input: The backbone's `preprocess_input`.
         batch_size: Images per batch.
         shuffle_seed: None for a fixed order (evaluation); an int to reshuffle each
@@ -126,8 +101,6 @@ def make_dataset(
     Returns:
         A `tf.data.Dataset` of (images, labels) or images batches.
     """
-    if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-        raise UsageError(f"resolution {resolution} outside {MIN_RESOLUTION}..{MAX_RESOLUTION}")
     if augmentation not in AUGMENTATIONS:
         raise UsageError(f"augmentation {augmentation!r} is not one of {AUGMENTATIONS}")
     items = images if labels is None else (images, labels)

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common.download import DownloadError, download
+from common.errors import DataError
+from common.paths import PROJECT_ROOT, keras_home
 from data_pipeline import validate
-from data_pipeline.errors import DataError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VENDORED_DIR = PROJECT_ROOT / "data" / "fashion-mnist"
+FASHION_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -123,16 +125,15 @@ def _load_default():
         if dataset.checksum_status != "verified":
             raise DataError(VENDORED_DIR, "vendored Fashion-MNIST files do not match their official sha256")
         return dataset
-    cache_dir = Path.home() / ".keras" / "datasets" / "fashion-mnist"
+    cache_dir = keras_home() / "datasets" / "fashion-mnist"
     if not (cache_dir.is_dir() and _find_idx_files(cache_dir)):
         try:
-            import keras
-
-            keras.datasets.fashion_mnist.load_data()
-        except Exception:  # offline: no download possible
+            for name in FASHION_MNIST_SHA256:
+                download(FASHION_MNIST_URL + name, cache_dir / name)
+        except DownloadError as e:
             raise DataError(
                 VENDORED_DIR,
-                "Fashion-MNIST not found and could not be downloaded: put the four official "
+                f"Fashion-MNIST not found and not downloadable ({e}): put the four official "
                 "*-ubyte.gz files in data/fashion-mnist/ (see its README)",
             ) from None
     return _load_idx(cache_dir, source="keras-cache")

@@ -5,7 +5,7 @@ import zlib
 
 import numpy as np
 
-from data_pipeline.errors import DataError
+from common.errors import DataError
 
 IMAGE_SIDE = 28
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions

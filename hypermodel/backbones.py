@@ -7,17 +7,15 @@ a download.
 """
 
 import dataclasses
-import os
 import re
-import socket
-import sys
-from pathlib import Path
 
 import keras
 
-from data_pipeline.errors import DataError, UsageError
+from common.download import DownloadError, download
+from common.errors import DataError, UsageError
+from common.paths import PROJECT_ROOT, keras_home
+from hypermodel.space import RESOLUTION_RANGE
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VENDORED_WEIGHTS = PROJECT_ROOT / "weights"
 KERAS_APPS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
@@ -46,7 +44,7 @@ class Backbone:
     block_pattern: str
     weight_file: str
     weight_url: str
-    min_size: int = 32
+    min_size: int = RESOLUTION_RANGE[0]
     kwargs: dict = dataclasses.field(default_factory=dict)
 
     def build(self, resolution, weights="imagenet"):
@@ -151,7 +149,7 @@ def get_backbone(name):
 
 
 def keras_cache_dir():
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    return keras_home() / "models"
 
 
 def find_weights(backbone):
@@ -163,50 +161,41 @@ def find_weights(backbone):
     return None
 
 
-def resolve_weights(backbone, download_timeout=10):
+def resolve_weights(backbone, offline=False, download_timeout=10):
     """Finds a backbone's weights offline-first, downloading into the Keras cache last.
 
+    Args:
+        offline: Never download.
+
     Raises:
-        DataError: naming the missing file and where to put it, when offline.
+        DataError: naming the missing file, where to put it, and why it could not be had.
     """
     path = find_weights(backbone)
     if path is not None:
         return path
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(download_timeout)
+    where = f"put {backbone.weight_file} in weights/ or {keras_cache_dir()}/"
+    if offline:
+        raise DataError(VENDORED_WEIGHTS / backbone.weight_file,
+                        f"ImageNet weights for {backbone.name} not found (--offline): {where}")
     try:
-        return Path(
-            keras.utils.get_file(
-                backbone.weight_file, backbone.weight_url + backbone.weight_file, cache_subdir="models"
-            )
-        )
-    except Exception:
-        raise DataError(
-            VENDORED_WEIGHTS / backbone.weight_file,
-            f"ImageNet weights for {backbone.name} not found and not downloadable (offline?): "
-            f"put {backbone.weight_file} in weights/ or {keras_cache_dir()}/",
-        ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
+        return download(backbone.weight_url + backbone.weight_file, keras_cache_dir() / backbone.weight_file,
+                        timeout=download_timeout)
+    except DownloadError as e:
+        raise DataError(VENDORED_WEIGHTS / backbone.weight_file,
+                        f"ImageNet weights for {backbone.name} not found and not downloadable ({e}): {where}") from None
 
 
-def usable_backbones(names, explicit):
-    """Keeps the backbones whose ImageNet weights can be had (offline or by download).
+def usable_backbones(names, offline=False):
+    """Splits backbones into those whose ImageNet weights can be had and those that can't.
 
-    Args:
-        names: Backbone names.
-        explicit: True when the user named them (a missing file is then an error);
-            False for a profile's default list (missing ones are dropped with a warning).
+    Returns:
+        (usable names, {dropped name: why}).
     """
-    usable = []
+    usable, dropped = [], {}
     for name in names:
         try:
-            resolve_weights(get_backbone(name))
+            resolve_weights(get_backbone(name), offline=offline)
             usable.append(name)
         except DataError as e:
-            if explicit:
-                raise
-            print(f"warning: dropping {name} from the search: {e.fault}", file=sys.stderr)
-    if not usable:
-        raise DataError(VENDORED_WEIGHTS, f"no ImageNet weights available for any of {list(names)}")
-    return tuple(usable)
+            dropped[name] = e.fault
+    return tuple(usable), dropped

@@ -8,6 +8,7 @@ list with one value becomes a fixed hyperparameter.
 import dataclasses
 
 
+RESOLUTION_RANGE = (32, 299)  # input sides, in px, the space may search
 LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
 OPTIMIZERS = ("adam", "adamw")
 POOLINGS = ("avg", "flatten")

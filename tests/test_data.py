@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline import DataError, Dataset, UsageError, load_dataset
+from common.errors import DataError, UsageError
+from data_pipeline import Dataset, load_dataset
 from data_pipeline.sources import FASHION_MNIST_CLASSES, IDX_NAMES, VENDORED_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1019,7 +1020,7 @@ def test_augmentation_only_when_shuffling(tf, backbones, small):
 
 
 def test_split_is_stratified_and_covers_train(fashion):
-    from data_pipeline.pipeline import split_train_validation
+    from data_pipeline.splits import split_train_validation
 
     labels = fashion.y_train[:3000]
     train, val = split_train_validation(labels, fraction=0.1, seed=0)
@@ -1035,7 +1036,7 @@ def test_split_is_stratified_and_covers_train(fashion):
 
 
 def test_split_is_deterministic_per_seed(fashion):
-    from data_pipeline.pipeline import split_train_validation
+    from data_pipeline.splits import split_train_validation
 
     labels = fashion.y_train[:3000]
     a_train, a_val = split_train_validation(labels, 0.2, seed=7)
@@ -1049,7 +1050,7 @@ def test_split_is_deterministic_per_seed(fashion):
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
 def test_split_rejects_bad_fraction(fraction):
-    from data_pipeline.pipeline import split_train_validation
+    from data_pipeline.splits import split_train_validation
 
     with pytest.raises(UsageError):
         split_train_validation(np.array([0, 1, 0, 1]), fraction)
@@ -1057,7 +1058,7 @@ def test_split_rejects_bad_fraction(fraction):
 
 @pytest.mark.parametrize("subsets", [(None, None), (500, 100)])
 def test_training_data_never_includes_test_images(tmp_path, fashion, subsets):
-    from tuning.run import RunSettings, training_data
+    from data_pipeline.splits import training_data
 
     x_train, y_train = fashion.x_train[:2000], fashion.y_train[:2000]
     x_test, y_test = fashion.x_test[:1000], fashion.y_test[:1000]
@@ -1067,10 +1068,7 @@ def test_training_data_never_includes_test_images(tmp_path, fashion, subsets):
     dataset = Dataset(
         x_train, y_train, x_test, y_test, FASHION_MNIST_CLASSES, "npz", "slice", "0" * 64, "computed"
     )
-    settings = RunSettings(
-        profile="cpu", run_dir=str(tmp_path / "run"), train_subset=subsets[0], val_subset=subsets[1]
-    )
-    data = training_data(dataset, settings)
+    data = training_data(dataset, train_subset=subsets[0], val_subset=subsets[1])
 
     assert not any(f.name.startswith(("x_test", "y_test")) for f in dataclasses.fields(data))
     train_idx = [train_bytes[img.tobytes()] for img in data.x_train]  # KeyError = not a train image

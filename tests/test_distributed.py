@@ -92,15 +92,17 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 from data_pipeline import load_dataset
 from data_pipeline.feature_cache import FeatureCache
 from hypermodel.space import SearchChoices
-from tuning.run import RunSettings, prepare_run_dir, training_data
+from tuning.jobs import search_data
+from tuning.run_dir import prepare_run_dir
+from tuning.settings import Settings
 from tuning.tuner import distribution_strategy, run_search
 assert distribution_strategy("mirrored").num_replicas_in_sync == 2
 dataset = load_dataset()
-settings = RunSettings(profile="smoke", run_dir=sys.argv[1], tuner="random", max_trials=2, max_epochs=1,
+settings = Settings(profile="smoke", run_dir=sys.argv[1], tuner="random", max_trials=2, max_epochs=1,
                        train_subset=200, val_subset=100, batch_size=50, strategy="mirrored",
                        choices=SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,),
                                              unfrozen_blocks=(1,)))
-result = run_search(settings, training_data(dataset, settings), prepare_run_dir(settings, dataset),
+result = run_search(settings, search_data(dataset, settings), prepare_run_dir(settings, dataset),
                     feature_cache=FeatureCache(None), log=print)
 board = result["leaderboard"]
 assert list(board["status"]) == ["COMPLETED"] * 2, board.to_dict("records")

@@ -5,9 +5,19 @@ import pytest
 
 from data_pipeline import load_dataset
 from data_pipeline.feature_cache import FeatureCache
-from hypermodel.backbones import REGISTRY
+from data_pipeline.splits import TrainingData
+from hypermodel.backbones import REGISTRY, get_backbone
+from hypermodel.model import PREFIX_NAME, TOP_NAME, build_transfer_model, split_backbone
 from hypermodel.space import TrialConfig
-from hypermodel.transfer import PREFIX_NAME, TOP_NAME, TrainingData, build_transfer_model, split_backbone, train
+from hypermodel.training import train
+
+
+def prefix_features(cache, model, cfg, images, data_key):
+    """The cached prefix activations of `model` (built from `cfg`) for `images`."""
+    return cache.features(
+        model.get_layer(PREFIX_NAME), images, source=cfg.backbone, resolution=cfg.resolution,
+        preprocess_input=get_backbone(cfg.backbone).preprocess_input, data_key=data_key,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"mobilenet_v2_0.35", "mobilenet_v2_1.0"}))
@@ -42,11 +52,10 @@ def data():
 
 def test_cached_top_computes_the_end_to_end_function(data):
     from data_pipeline.pipeline import make_dataset
-    from hypermodel.backbones import get_backbone
 
     cfg = config(unfrozen_blocks=2)
     model = build_transfer_model(cfg, 10)
-    features = FeatureCache(None).features(model.get_layer(PREFIX_NAME), cfg, data.x_val, "slice/val")
+    features = prefix_features(FeatureCache(None), model, cfg, data.x_val, "slice/val")
     cached = model.get_layer(TOP_NAME).predict(features.astype("float32"), verbose=0)
     images = make_dataset(data.x_val, None, 32, get_backbone(cfg.backbone).preprocess_input, 64)
     end_to_end = model.predict(images, verbose=0)
@@ -64,13 +73,13 @@ def test_features_are_reused_across_trials_and_rebuilt_when_the_key_changes(data
     assert (cache.builds, cache.hits) == (2, 2)  # train + validation built once, then reused
     for changed in (config(resolution=48), config(backbone="mobilenet_v2_0.5"), config(unfrozen_blocks=3)):
         before = cache.builds
-        cache.features(build_transfer_model(changed, 10).get_layer(PREFIX_NAME), changed, data.x_val, "slice/val")
+        prefix_features(cache, build_transfer_model(changed, 10), changed, data.x_val, "slice/val")
         assert cache.builds == before + 1, changed
     assert len(list(tmp_path.glob("*.npy"))) == 5
     # A new cache over the same folder (a resumed run) reads them back instead of recomputing.
     resumed = FeatureCache(tmp_path)
     cfg = config()
-    resumed.features(build_transfer_model(cfg, 10).get_layer(PREFIX_NAME), cfg, data.x_val, "slice/val")
+    prefix_features(resumed, build_transfer_model(cfg, 10), cfg, data.x_val, "slice/val")
     assert (resumed.builds, resumed.hits) == (0, 1)
 
 

@@ -9,11 +9,11 @@ import tensorflow as tf
 
 from cli import run_cli
 from data_pipeline import load_dataset
-from data_pipeline.errors import DataError
-from hypermodel.backbones import usable_backbones
+from common.errors import DataError
 from hypermodel.space import SearchChoices
 from tuning.leaderboard import COLUMNS
-from tuning.run import RunSettings, training_data
+from tuning.jobs import search_data
+from tuning.settings import Settings
 from tuning.tuner import run_search
 
 
@@ -97,7 +97,9 @@ def test_changed_settings_refuse_to_resume(smoke_run, tmp_path):
 
 
 def test_named_backbone_without_weights_exits_2_naming_the_file(tmp_path):
-    result = run_cli("search", "--profile", "smoke", "--backbones", "resnet50", "--run-dir", tmp_path / "r")
+    # An empty Keras cache and --offline: the same outcome with or without a network.
+    result = run_cli("search", "--profile", "smoke", "--backbones", "resnet50", "--offline",
+                     "--run-dir", tmp_path / "r", env={"KERAS_HOME": str(tmp_path / "keras")})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len([l for l in lines if l.startswith("error:")]) == 1
@@ -106,12 +108,35 @@ def test_named_backbone_without_weights_exits_2_naming_the_file(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_default_list_drops_backbones_without_weights(capsys):
-    kept = usable_backbones(("mobilenet_v2_0.5", "vgg16", "mobilenet_v2_0.35"), explicit=False)
-    assert kept == ("mobilenet_v2_0.5", "mobilenet_v2_0.35")
-    assert "dropping vgg16" in capsys.readouterr().err
+@pytest.fixture
+def empty_keras_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+
+
+def test_default_list_drops_backbones_without_weights(tmp_path, empty_keras_home, capsys):
+    from tuning.jobs import with_available_backbones
+
+    choices = SearchChoices(backbones=("mobilenet_v2_0.5", "vgg16", "mobilenet_v2_0.35"))
+    settings, dropped = with_available_backbones(small_settings(tmp_path, offline=True, choices=choices), False)
+    assert settings.choices.backbones == ("mobilenet_v2_0.5", "mobilenet_v2_0.35")
+    assert list(dropped) == ["vgg16"] and "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in dropped["vgg16"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "left out of the search: vgg16" in out[0]
     with pytest.raises(DataError, match="no ImageNet weights"):
-        usable_backbones(("vgg16",), explicit=False)
+        with_available_backbones(small_settings(tmp_path, offline=True, choices=SearchChoices(backbones=("vgg16",))),
+                                 False)
+
+
+def test_offline_gpu_profile_falls_back_to_the_shipped_weights(tmp_path, empty_keras_home, capsys):
+    from tuning.cli import parse, resolve_settings
+    from tuning.jobs import with_available_backbones
+
+    settings = resolve_settings(parse(["--profile", "gpu", "--offline", "--run-dir", str(tmp_path / "r")]).options)
+    settings, dropped = with_available_backbones(settings, explicit=False)
+    assert set(dropped) == {"resnet50", "efficientnet_b0", "mobilenet_v2_1.0"}
+    assert settings.choices.backbones == ("mobilenet_v2_0.5", "mobilenet_v2_0.35")
+    assert settings.choices.resolutions == (96, 160, 224)
+    assert "warning: profile gpu" in capsys.readouterr().out
 
 
 def small_settings(tmp_path, **overrides):
@@ -121,27 +146,27 @@ def small_settings(tmp_path, **overrides):
         choices=SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,), unfrozen_blocks=(0, 1)),
     )
     base.update(overrides)
-    return RunSettings(**base)
+    return Settings(**base)
 
 
 def search_in_process(settings):
-    from tuning.run import prepare_run_dir
+    from tuning.run_dir import prepare_run_dir
 
     dataset = load_dataset()
     run_dir = prepare_run_dir(settings, dataset)
-    return run_search(settings, training_data(dataset, settings), run_dir, log=lambda m: None), run_dir
+    return run_search(settings, search_data(dataset, settings), run_dir, log=lambda m: None), run_dir
 
 
 def test_random_weights_search_leaves_no_traced_graphs_behind(tmp_path):
-    from tuning.tuner import _custom_gradient_keys
+    from common.shims import custom_gradient_keys
 
-    before = _custom_gradient_keys()
+    before = custom_gradient_keys()
     result, run_dir = search_in_process(small_settings(tmp_path, weights="none", max_trials=3))
     assert result["completed"] == 3
     assert (run_dir / "best_hparams.json").is_file()
     # Each trial's traced train step registers custom gradients that pin its whole graph
     # (tensorflow#80895); the tuner drops them after each trial.
-    assert _custom_gradient_keys() == before
+    assert custom_gradient_keys() == before
 
 
 @pytest.fixture
@@ -153,9 +178,9 @@ def nan_above_learning_rate(monkeypatch):
     """
     import keras
 
-    from hypermodel import transfer
+    from hypermodel import training
 
-    original = transfer.compile_for_training
+    original = training.compile_for_training
 
     def compile_with_nan(model, config, *args, **kwargs):
         original(model, config, *args, **kwargs)
@@ -163,7 +188,7 @@ def nan_above_learning_rate(monkeypatch):
             model.compile(optimizer=model.optimizer, loss=lambda y, p: keras.ops.mean(p) * float("nan"),
                           metrics=["accuracy"])
 
-    monkeypatch.setattr(transfer, "compile_for_training", compile_with_nan)
+    monkeypatch.setattr(training, "compile_for_training", compile_with_nan)
 
 
 def test_diverging_trial_is_failed_and_search_goes_on(tmp_path, nan_above_learning_rate):
@@ -179,7 +204,8 @@ def test_diverging_trial_is_failed_and_search_goes_on(tmp_path, nan_above_learni
 
 
 def test_consecutive_failures_stop_with_one_line(tmp_path, nan_above_learning_rate):
-    from tuning.jobs import SearchStopped, search
+    from tuning.jobs import search
+    from tuning.tuner import SearchStopped
 
     choices = SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,), unfrozen_blocks=(0,),
                             learning_rate=(0.1, 1.0))

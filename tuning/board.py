@@ -3,7 +3,7 @@
 import time
 from pathlib import Path
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
 
 
 def serve(run_dir, host="127.0.0.1", port=6006, log=print):

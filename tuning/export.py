@@ -16,8 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline import atomic
-from data_pipeline.errors import UsageError
+from common import atomic
+from common.errors import UsageError
 from data_pipeline.pipeline import prepare_images
 from hypermodel.backbones import get_backbone
 from tuning.retrain import flip_images, read_best

@@ -1,22 +1,38 @@
 """What each subcommand does, top to bottom. `tuning/cli.py` parses; this runs."""
 
+import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 
+from common import atomic
+from common.errors import DataError, UsageError, UserError
 from data_pipeline import load_dataset
-from data_pipeline.errors import UserError
-from data_pipeline import atomic
+from data_pipeline.splits import training_data
 
 TOP_N = 5
 
 
-class SearchStopped(UserError):
-    """Too many consecutive trials failed (KerasTuner's max_consecutive_failed_trials)."""
+class NoCompletedTrial(UserError):
+    """The search ended without a single completed trial."""
 
 
 def log(message):
     print(message, flush=True)
+
+
+def silence_library_warnings():
+    """A normal run prints only the tool's own lines (Keras/TensorFlow Python warnings
+    and absl logging are hidden; -v shows Keras progress bars, not library chatter)."""
+    warnings.filterwarnings("ignore", module=r"(keras|tensorflow|keras_tuner|absl|h5py)(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
 
 
 def show_data(path):
@@ -44,22 +60,55 @@ def _setup(settings):
     return dataset
 
 
-def search(settings, overwrite=False):
+def search_data(dataset, settings):
+    """The search's train/validation slice of `dataset`."""
+    return training_data(dataset, settings.validation_fraction, settings.seed,
+                         settings.train_subset, settings.val_subset)
+
+
+def with_available_backbones(settings, explicit):
+    """`settings` searching only backbones whose ImageNet weights can be had.
+
+    Args:
+        explicit: The user named --backbones: a missing one is then an error.
+
+    Returns:
+        (settings, {dropped backbone: why}); one line says what was dropped.
+    """
+    from hypermodel.backbones import VENDORED_WEIGHTS, usable_backbones
+
+    if settings.weights != "imagenet":
+        return settings, {}
+    names = settings.choices.backbones
+    usable, dropped = usable_backbones(names, offline=settings.offline)
+    if dropped and explicit:
+        name, why = next(iter(dropped.items()))
+        raise DataError(VENDORED_WEIGHTS, f"--backbones {name}: {why}")
+    if dropped:
+        log(f"backbones without ImageNet weights here, left out of the search: {', '.join(dropped)} "
+            f"({next(iter(dropped.values()))})")
+    if not usable and settings.fallback_backbones:
+        usable, _ = usable_backbones(settings.fallback_backbones, offline=True)
+        log(f"warning: profile {settings.profile}: none of its backbones has weights here; searching "
+            f"the shipped {', '.join(usable)} at {', '.join(map(str, settings.choices.resolutions))} px instead")
+    if not usable:
+        raise DataError(VENDORED_WEIGHTS, f"no ImageNet weights available for any of {', '.join(names)}")
+    return dataclasses.replace(settings, choices=dataclasses.replace(settings.choices, backbones=usable)), dropped
+
+
+def search(settings, explicit_backbones=False):
     """`search.py search`: run or resume the search; print the top trials."""
     from data_pipeline.feature_cache import FeatureCache
-    from tuning.run import prepare_run_dir
-    from tuning.tuner import run_search
+    from tuning.run_dir import prepare_run_dir
+    from tuning.tuner import SearchStopped, configure_distributed, run_search
 
-    from tuning.tuner import configure_distributed
-
+    dataset = _setup(settings)  # bad data is refused before anything else happens
+    settings, dropped = with_available_backbones(settings, explicit_backbones)
     worker = "local"
     if settings.distributed:
         worker = configure_distributed(settings.distributed, settings.oracle, settings.worker_id)
-    from tuning.run import training_data
-
-    dataset = _setup(settings)
-    data = training_data(dataset, settings)
-    run_dir = prepare_run_dir(settings, dataset, overwrite=overwrite)
+    data = search_data(dataset, settings)
+    run_dir = prepare_run_dir(settings, dataset, dropped)
     log(f"run dir: {run_dir}")
     log(f"watch it: python search.py tensorboard --run-dir {run_dir}   "
         f"(or: tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1)")
@@ -71,15 +120,7 @@ def search(settings, overwrite=False):
     if settings.feature_cache:
         cache = FeatureCache(run_dir / "feature_cache", budget_mb=settings.cache_budget_mb, log=log)
     started = time.time()
-    try:
-        result = run_search(settings, data, run_dir, feature_cache=cache, log=log, worker=worker)
-    except RuntimeError as e:
-        if "consecutive failures" not in str(e):
-            raise
-        raise SearchStopped(
-            f"search stopped: {settings.max_consecutive_failures} trials in a row failed; "
-            f"their errors are in {run_dir / 'leaderboard.csv'}"
-        ) from None
+    result = run_search(settings, data, run_dir, feature_cache=cache, log=log, worker=worker)
     _record_stage(run_dir, "search", time.time() - started)
     if result["stopped_by_budget"]:
         log("time budget reached: search stopped cleanly; rerun the same command to continue it")
@@ -90,7 +131,11 @@ def search(settings, overwrite=False):
         "trial_id", "backbone", "resolution", "unfrozen_blocks", "dense_units", "dropout",
         "learning_rate", "lr_schedule", "val_accuracy", "epochs", "seconds"]))
     if result["best"] is None:
-        raise RuntimeError("the search completed no trial: see the error column of leaderboard.csv")
+        raise NoCompletedTrial(
+            f"the search completed no trial ({result['trials']} ended, all failed or stopped): their errors are "
+            f"in {run_dir / 'leaderboard.csv'}; try a lower --learning-rate range, a longer --time-budget "
+            "or the smoke profile"
+        )
     return 0
 
 
@@ -102,50 +147,55 @@ def _record_stage(run_dir, stage, seconds):
     atomic.write_json(path, timings)
 
 
-def _reopen(run_dir):
-    """Settings, dataset and retrain data of an existing run, verified against config.json."""
-    from data_pipeline.errors import UsageError
-    from tuning.run import RunSettings, read_config, training_data
+def _reopen(run_dir, overrides=None):
+    """Settings, dataset and retrain data of an existing run, verified against config.json.
+
+    Args:
+        overrides: {setting: value} given to this command (resumable settings only);
+            recorded in config.json.
+    """
+    from tuning.run_dir import CONFIG_FILE, read_config
+    from tuning.settings import Settings
 
     record = read_config(run_dir)
-    settings = RunSettings.from_dict(record["settings"])
+    settings = Settings.from_dict({**record["settings"], **(overrides or {})})
     dataset = _setup(settings)
     if dataset.checksum != record["data"]["checksum"]:
         raise UsageError(f"the data at {settings.data or 'data/fashion-mnist'} changed since {run_dir} was searched")
-    import dataclasses
-
+    if overrides:
+        atomic.write_json(Path(run_dir) / CONFIG_FILE, {**record, "settings": settings.to_dict()})
     # The final model trains on the whole training split (the search may have used a subset).
-    retrain_settings = dataclasses.replace(settings, train_subset=settings.retrain_subset, val_subset=None)
-    return settings, dataset, training_data(dataset, retrain_settings)
+    data = training_data(dataset, settings.validation_fraction, settings.seed, settings.retrain_subset)
+    return settings, dataset, data
 
 
 def _check_run(run_dir):
     """Refuses a foreign run dir or a bad best_hparams.json before any work."""
     from tuning.retrain import read_best
-    from tuning.run import read_config
+    from tuning.run_dir import read_config
 
     read_config(run_dir)
     read_best(run_dir)
 
 
-def retrain(run_dir, epochs=None, verbose=0, deadline=None):
+def retrain(run_dir, overrides=None, deadline=None):
     """`search.py retrain`: two-phase retrain of the best trial, then the test evaluation.
 
     Args:
-        deadline: `time.time()` the whole job should end by (phase 2 is fitted to it).
+        overrides: {setting: value} given on the command line (epochs, job_time_budget_s, ...).
+        deadline: `time.time()` the whole job should end by (phase 2 is fitted to it);
+            default: `job_time_budget_s` from now.
     """
     from data_pipeline.feature_cache import FeatureCache
     from tuning.retrain import retrain as retrain_best
 
     _check_run(run_dir)
-    settings, dataset, data = _reopen(run_dir)
-    settings.verbose = max(settings.verbose, verbose)
-    cache = FeatureCache(Path(run_dir) / "feature_cache", settings.cache_budget_mb, log=log) if settings.feature_cache else None
+    settings, dataset, data = _reopen(run_dir, overrides)
     started = time.time()
-    retrain_best(
-        run_dir, settings, dataset, data, epochs=epochs or settings.epochs, feature_cache=cache,
-        deadline=deadline, log=log,
-    )
+    if deadline is None and settings.job_time_budget_s:
+        deadline = started + settings.job_time_budget_s
+    cache = FeatureCache(Path(run_dir) / "feature_cache", settings.cache_budget_mb, log=log) if settings.feature_cache else None
+    retrain_best(run_dir, settings, dataset, data, feature_cache=cache, deadline=deadline, log=log)
     _record_stage(run_dir, "retrain", time.time() - started)
     return 0
 
@@ -165,7 +215,7 @@ def export(run_dir):
 def report(run_dir):
     """`search.py report`: report.md with leaderboard, curves, confusion matrix."""
     from tuning.report import write_report
-    from tuning.run import read_config
+    from tuning.run_dir import read_config
 
     read_config(run_dir)
     write_report(run_dir, log=log)
@@ -182,22 +232,22 @@ def predict(model_dir, inputs, output=None, before_model=None):
 
 def tensorboard(run_dir, host, port):
     from tuning.board import serve
-    from tuning.run import read_config
+    from tuning.run_dir import read_config
 
     read_config(run_dir)
     serve(run_dir, host, port, log=log)
     return 0
 
 
-def whole_job(settings, overwrite=False):
+def whole_job(settings, explicit_backbones=False):
     """`search.py`: search → retrain → export → report into one run dir."""
     started = time.time()
-    search(settings, overwrite=overwrite)
+    search(settings, explicit_backbones)
     if settings.distributed == "worker":
         return 0  # the chief retrains and exports, once
     run_dir = Path(settings.run_dir)
     deadline = started + settings.job_time_budget_s if settings.job_time_budget_s else None
-    retrain(run_dir, epochs=settings.epochs, deadline=deadline)
+    retrain(run_dir, deadline=deadline)
     export(run_dir)
     report(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline import atomic
+from common import atomic
 
 COLUMNS = [
     "trial_id", "status", "worker", "backbone", "resolution", "unfrozen_blocks", "pooling",

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline import atomic, validate
-from data_pipeline.errors import DataError
+from common import atomic
+from data_pipeline import validate
+from common.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -1,64 +1,19 @@
 """Profiles: honest defaults for the machine at hand. Explicit CLI flags override them.
 
+A profile is a set of overrides of the settings declared in `tuning/settings.py`.
+
 - smoke: a complete search in ≤ 3 minutes on a 2-core CPU (tests, first look).
 - cpu:   the default without a GPU: one hour on 2 cores, the offline MobileNetV2
          weights, small inputs, the feature cache serving partial fine-tuning trials.
 - gpu:   selected when a GPU is visible: big backbones up to 224 px, mixed precision.
 """
 
-import dataclasses
-
 from hypermodel.space import SearchChoices
-
-
-@dataclasses.dataclass(frozen=True)
-class Profile:
-    """Everything a profile decides.
-
-    Attributes:
-        name: Profile name.
-        choices: The `SearchChoices` searched.
-        tuner: "hyperband", "random" or "bayesian".
-        max_epochs, factor, hyperband_iterations: Hyperband's budget.
-        max_trials: Trials for random/bayesian search.
-        time_budget_s: Search time budget in seconds (None = unbounded).
-        train_subset: Training images used (None = all), stratified.
-        val_subset: Validation images used (None = the whole validation split).
-        batch_size: Images per batch.
-        retrain_epochs: (phase 1, phase 2) epochs for the final retrain; None (or a None
-            phase) = the best trial's epochs. With a job time budget, phase 2 instead
-            gets as many epochs as fit in it.
-        retrain_subset: Training images for the final retrain (None = the whole train split).
-        retrain_augmentation: Augmentation of the retrain's phase 2 (None = as searched).
-        phase2_lr_factor: Phase 2 learning rate = the searched one × this.
-        job_time_budget_s: Wall time of the whole job; the retrain's phase 2 is fitted to it.
-        early_stopping_patience: Epochs without progress before a trial stops.
-        mixed_precision: Train in float16 with float32 variables.
-    """
-
-    name: str
-    choices: SearchChoices
-    tuner: str = "hyperband"
-    max_epochs: int = 4
-    factor: int = 3
-    hyperband_iterations: int = 1
-    max_trials: int = 10
-    time_budget_s: float = None
-    train_subset: int = None
-    val_subset: int = None
-    batch_size: int = 64
-    retrain_epochs: tuple = None
-    retrain_subset: int = None
-    retrain_augmentation: str = None
-    phase2_lr_factor: float = 0.1
-    job_time_budget_s: float = None
-    early_stopping_patience: int = 2
-    mixed_precision: bool = False
+from tuning.settings import check_profile
 
 
 PROFILES = {
-    "smoke": Profile(
-        name="smoke",
+    "smoke": dict(
         choices=SearchChoices(
             backbones=("mobilenet_v2_0.35", "mobilenet_v2_0.5"),
             # 48 px, not 32: at 32 px MobileNetV2's output is 1×1 and accuracy caps near
@@ -78,8 +33,7 @@ PROFILES = {
         retrain_subset=4000,
         time_budget_s=150,
     ),
-    "cpu": Profile(
-        name="cpu",
+    "cpu": dict(
         # One hour on 2 CPU cores: a 12-minute search on a stratified 8k/2k slice, then
         # the winner retrained on all 54k images for whatever the hour has left.
         choices=SearchChoices(
@@ -109,8 +63,7 @@ PROFILES = {
         phase2_lr_factor=0.5,
         job_time_budget_s=58 * 60,
     ),
-    "gpu": Profile(
-        name="gpu",
+    "gpu": dict(
         choices=SearchChoices(
             backbones=("resnet50", "efficientnet_b0", "mobilenet_v2_1.0"),
             resolutions=(96, 160, 224),
@@ -118,6 +71,8 @@ PROFILES = {
             poolings=("avg", "flatten"),
             augmentations=("none", "flip_shift", "flip_shift_erase"),
         ),
+        # Offline, none of those has weights: search the shipped ones at GPU sizes instead.
+        fallback_backbones=("mobilenet_v2_0.5", "mobilenet_v2_0.35"),
         max_epochs=12,
         factor=3,
         batch_size=128,
@@ -128,6 +83,10 @@ PROFILES = {
         mixed_precision=True,
     ),
 }
+
+
+for _name, _overrides in PROFILES.items():
+    check_profile(_name, _overrides)
 
 
 def default_profile_name():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline import atomic
+from common import atomic
 
 LEADERBOARD_COLUMNS = [
     "trial_id", "backbone", "resolution", "unfrozen_blocks", "pooling", "dense_units", "dropout",

@@ -20,14 +20,14 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline import atomic
-from data_pipeline.errors import DataError, UsageError, UserError
+from common import atomic
+from common.errors import DataError, UsageError, UserError
 from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
+from hypermodel.callbacks import EpochProgress, StopAtDeadline
+from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
 from hypermodel.space import config_from_values
-from hypermodel.transfer import (
-    StopAtDeadline, build_transfer_model, epochs_that_fit, set_unfrozen_blocks_trainable, train,
-)
+from hypermodel.training import epochs_that_fit, train
 
 FINISH_RESERVE_S = 150  # after phase 2: TTA check, test evaluation, export with parity, report
 
@@ -52,15 +52,15 @@ def read_best(run_dir):
     return best, config
 
 
-def retrain(run_dir, settings, dataset, data, epochs=None, feature_cache=None, deadline=None, log=print):
+def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None, log=print):
     """Retrains the best configuration in two phases, evaluates on test, saves model.keras.
 
     Args:
         run_dir: The run directory (reads best_hparams.json, writes model.keras, metrics.json).
-        settings: The run's `RunSettings`.
+        settings: The run's `Settings` (`epochs`: of each phase; default from the
+            profile or the search).
         dataset: The `Dataset` (its test split is read here, once, at the end).
         data: `TrainingData` for the retrain (train + validation).
-        epochs: Epochs of each phase; default from the profile or the search.
         deadline: `time.time()` by which the whole job should end; phase 2 then gets as
             many epochs as fit before it (less `FINISH_RESERVE_S` for test and export).
 
@@ -69,7 +69,7 @@ def retrain(run_dir, settings, dataset, data, epochs=None, feature_cache=None, d
     """
     run_dir = Path(run_dir)
     best, config = read_best(run_dir)
-    phase1_epochs, phase2_epochs = _phase_epochs(best, settings, epochs, deadline)
+    phase1_epochs, phase2_epochs = _phase_epochs(best, settings, settings.epochs, deadline)
     phase2_config = dataclasses.replace(config, augmentation=settings.retrain_augmentation or config.augmentation)
     log(f"retraining trial {best['trial_id']} (val_accuracy {best['val_accuracy']:.4f}): "
         f"{config.backbone} {config.resolution}px, unfrozen_blocks={config.unfrozen_blocks}; "
@@ -87,6 +87,7 @@ def retrain(run_dir, settings, dataset, data, epochs=None, feature_cache=None, d
         started = time.time()
         callbacks = [
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / "retrain" / phase), write_graph=False),
+            EpochProgress(phase, log, deadline),
         ]
         patience = settings.early_stopping_patience
         if epochs_ is None:  # phase 2 fitted to the job's deadline

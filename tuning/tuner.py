@@ -17,14 +17,18 @@ from pathlib import Path
 
 import keras
 import keras_tuner as kt
-from keras_tuner.src.engine.oracle import synchronized
 
-from hypermodel.transfer import TransferHyperModel
-from data_pipeline import atomic
+from common import atomic, shims
+from common.errors import UserError
+from hypermodel.hypermodel import TransferHyperModel
 from tuning import leaderboard
 
 PROJECT_NAME = "tuner"
 TUNERS = ("hyperband", "random", "bayesian")
+
+
+class SearchStopped(UserError):
+    """Too many trials in a row failed (`max_consecutive_failures`)."""
 
 
 class BudgetedOracleMixin:
@@ -36,9 +40,11 @@ class BudgetedOracleMixin:
     """
 
     deadline = None  # time.time() by which the search must be done; set per command.
+    max_failures = None  # consecutive FAILED trials after which the search stops.
+    stop_reason = None
 
     def populate_space(self, trial_id):
-        if getattr(self, "stop_reason", None):
+        if self.stop_reason:
             return {"status": "STOPPED"}
         snapshot = copy.deepcopy(self.get_state())
         response = super().populate_space(trial_id)
@@ -60,7 +66,7 @@ class BudgetedOracleMixin:
         self._last_seen[trial_id] = time.time()  # a worker's heartbeat: it reports every epoch
         return super().update_trial(trial_id, metrics, step=step)
 
-    @synchronized
+    @shims.synchronized
     def fail_silent_trials(self, timeout):
         """Lets the search go on without dead workers (the chief calls this periodically).
 
@@ -91,15 +97,20 @@ class BudgetedOracleMixin:
                 [_cost_key(values), (time.time() - started) / max(1, _epochs_to_run(values, self))]
             )
         super().end_trial(trial)
+        self._stop_after_consecutive_failures()
 
-    def _check_consecutive_failures(self):
-        # KerasTuner raises here, in the middle of `end_trial`, which leaves the trial
-        # unsaved and (on a distributed chief) still "ongoing", so the chief never exits.
-        # Instead, let `end_trial` finish and hand out no more trials.
-        try:
-            super()._check_consecutive_failures()
-        except RuntimeError as e:
-            self.stop_reason = str(e).splitlines()[0]
+    def _stop_after_consecutive_failures(self):
+        # Counted here rather than by KerasTuner (built with max_consecutive_failed_trials
+        # None), which raises in the middle of `end_trial`: that leaves the trial unsaved
+        # and, on a distributed chief, still "ongoing", so the chief never exits. Here the
+        # trial is saved first, then no more trials are handed out.
+        if not self.max_failures:
+            return
+        run = 0
+        for trial_id in self.end_order:
+            run = run + 1 if self.trials[trial_id].status == "FAILED" else 0
+        if run >= self.max_failures:
+            self.stop_reason = f"{run} trials in a row failed"
 
     def estimate_seconds(self, values):
         if not self._epoch_seconds:
@@ -160,7 +171,7 @@ class BayesianOptimizationOracle(BudgetedOracleMixin, kt.oracles.BayesianOptimiz
     pass
 
 
-class TransferTuner(kt.Tuner):
+class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
     """A KerasTuner `Tuner` that records each trial and keeps the leaderboard current.
 
     Args:
@@ -178,39 +189,35 @@ class TransferTuner(kt.Tuner):
         self.log = log
         self._trial_started = {}
         self._gradients_before_trial = set()
-        # kt.Tuner's constructor, also for HyperbandTransferTuner (whose kt.Hyperband
-        # parent would otherwise build an oracle of its own).
-        kt.Tuner.__init__(self, oracle, hypermodel, directory=str(run_dir), project_name=PROJECT_NAME, **kwargs)
-
-    def _populate_initial_space(self):
-        # The space has no conditional hyperparameters, so declaring it is enough;
-        # KerasTuner's default would build (and load weights for) a model to find them.
-        hp = self.oracle.get_space()
-        self.hypermodel.declare_hyperparameters(hp)
-        self.oracle.update_space(hp)
+        self._trial_fits = {}
+        # Also for HyperbandTransferTuner, whose kt.Hyperband parent would otherwise
+        # build an oracle of its own.
+        shims.init_tuner(self, oracle, hypermodel, directory=str(run_dir), project_name=PROJECT_NAME, **kwargs)
 
     def run_trial(self, trial, *args, **kwargs):
         if "tuner/epochs" not in trial.hyperparameters.values:  # random / bayesian
             kwargs.setdefault("epochs", self.max_epochs_per_trial)
         histories = super().run_trial(trial, *args, **kwargs)
-        self._epochs_ran = sum(len(h.epoch) for h in histories if hasattr(h, "epoch"))
+        histories = histories if isinstance(histories, list) else [histories]
+        self._trial_fits[trial.trial_id] = {
+            "epochs": sum(len(h.epoch) for h in histories if hasattr(h, "epoch")),
+            "fit_mode": next((h.fit_mode for h in histories if hasattr(h, "fit_mode")), ""),
+        }
         return histories
 
     def on_trial_begin(self, trial):
         super().on_trial_begin(trial)
-        self._gradients_before_trial = _custom_gradient_keys()
+        self._gradients_before_trial = shims.custom_gradient_keys()
         self._trial_started[trial.trial_id] = time.time()
-        self._epochs_ran = 0
-        self.hypermodel.last_fit_mode = None
 
     def on_trial_end(self, trial):
         seconds = time.time() - self._trial_started.pop(trial.trial_id, time.time())
+        fits = self._trial_fits.pop(trial.trial_id, {"epochs": 0, "fit_mode": ""})
         record = {
             "trial_id": trial.trial_id,
             "worker": self.worker,
             "seconds": round(seconds, 2),
-            "epochs": self._epochs_ran,
-            "fit_mode": self.hypermodel.last_fit_mode or "",
+            **fits,
             "error": leaderboard._last_line(trial.message or ""),
         }
         atomic.write_json(self.run_dir / "trials" / f"{trial.trial_id}.json", record)
@@ -219,7 +226,7 @@ class TransferTuner(kt.Tuner):
         finally:
             frame = leaderboard.write(self.run_dir)
             self._print_trial(trial, record, frame)
-            _forget_custom_gradients(self._gradients_before_trial)
+            shims.forget_custom_gradients(self._gradients_before_trial)
             gc.collect()
 
     def _print_trial(self, trial, record, frame):
@@ -242,29 +249,6 @@ class TransferTuner(kt.Tuner):
         )
 
 
-def _custom_gradient_keys():
-    try:
-        from tensorflow.python.framework import ops
-
-        return {k for k in ops._gradient_registry._registry if k.startswith("CustomGradient-")}
-    except AttributeError:  # a TensorFlow without this private registry
-        return set()
-
-
-def _forget_custom_gradients(keep):
-    """Drops the custom gradients registered during a trial (tensorflow/tensorflow#80895).
-
-    Each traced Keras train step registers a `CustomGradient-<uid>` (the optimizer's
-    all-reduce) in TensorFlow's global gradient registry, which pins the whole traced
-    graph forever: 20-40 MB per trial that `clear_session()` never frees
-    (benchmarks/trial_memory.py). The trial's functions are dead by now.
-    """
-    from tensorflow.python.framework import ops
-
-    for key in _custom_gradient_keys() - keep:
-        ops._gradient_registry._registry.pop(key, None)
-
-
 class HyperbandTransferTuner(TransferTuner, kt.Hyperband):
     """TransferTuner with Hyperband's trial logic: epochs per round, and each round
     continuing from the previous round's best checkpoint."""
@@ -276,7 +260,7 @@ def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadlin
         objective=kt.Objective("val_accuracy", "max"),
         seed=settings.seed + 1,  # KerasTuner takes seed 0 for "no seed" (a random one)
         max_retries_per_trial=0,
-        max_consecutive_failed_trials=settings.max_consecutive_failures,
+        max_consecutive_failed_trials=None,  # counted by the oracle mixin instead
     )
     if settings.tuner == "hyperband":
         oracle = HyperbandOracle(
@@ -290,6 +274,7 @@ def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadlin
     else:
         raise ValueError(f"tuner {settings.tuner!r} is not one of {TUNERS}")
     oracle.max_epochs_per_trial = settings.max_epochs
+    oracle.max_failures = settings.max_consecutive_failures
     tuner_class = HyperbandTransferTuner if settings.tuner == "hyperband" else TransferTuner
     tuner = tuner_class(
         oracle, hypermodel, run_dir, worker=worker, log=log, distribution_strategy=distribution_strategy
@@ -323,8 +308,8 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
     """Runs (or resumes) the search into `run_dir`.
 
     Args:
-        settings: `tuning.run.RunSettings`.
-        data: `hypermodel.transfer.TrainingData` (train + validation only).
+        settings: `tuning.settings.Settings`.
+        data: `data_pipeline.splits.TrainingData` (train + validation only).
         run_dir: The prepared run directory.
         feature_cache: Optional `FeatureCache`.
         worker: "local"; in distributed mode "chief" (serves the oracle) or the worker id
@@ -334,7 +319,7 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         A dict: trials, completed, stopped_by_budget, best (best_hparams.json or None).
     """
     atomic.remove_stale_temporaries(run_dir)
-    atomic.make_keras_tuner_json_atomic()
+    shims.route_keras_tuner_json_writes(atomic.write_text)
     deadline = time.time() + settings.time_budget_s if settings.time_budget_s else None
     hypermodel = TransferHyperModel(
         settings.choices, data.num_classes, weights=settings.weights, batch_size=settings.batch_size,
@@ -353,9 +338,9 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         watchdog.start()
     tuner.search(data, callbacks=[tensorboard], verbose=settings.verbose)
     frame = leaderboard.write(run_dir)
-    stop_reason = getattr(tuner.oracle, "stop_reason", None)
+    stop_reason = getattr(tuner.oracle, "stop_reason", None)  # a worker's oracle is a gRPC client
     if stop_reason:
-        raise RuntimeError(stop_reason)
+        raise SearchStopped(f"search stopped: {stop_reason}; their errors are in {Path(run_dir) / 'leaderboard.csv'}")
     best = json.loads((Path(run_dir) / "best_hparams.json").read_text()) if (Path(run_dir) / "best_hparams.json").exists() else None
     return {
         "trials": int(len(frame)),
@@ -373,14 +358,10 @@ def configure_distributed(role, oracle_address, worker_id=None):
         role: "chief" (serves the oracle over gRPC) or "worker" (asks it for trials).
         oracle_address: "HOST:PORT" of the chief.
         worker_id: The worker's name (its `worker` column in the leaderboard).
-    """
-    from data_pipeline.errors import UsageError
 
+    The values were checked by the CLI (`tuning.cli.check_distributed`).
+    """
     host, _, port = oracle_address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--oracle must be HOST:PORT, got {oracle_address!r}")
-    if role == "worker" and (not worker_id or "chief" in worker_id):
-        raise UsageError(f"--worker-id must be given for a worker and must not contain 'chief', got {worker_id!r}")
     name = "chief" if role == "chief" else worker_id
     os.environ.update(KERASTUNER_TUNER_ID=name, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
     return name

@@ -1,13 +1,17 @@
 """Atomic writers: write to a temporary sibling, fsync, then rename over the target.
 
 A reader therefore sees either the old complete file or the new complete one, never
-half of one, whenever the process is killed.
+half of one, whenever the process is killed. Temporaries are named
+`.<name>.<host>-<pid>.<random>.tmp`, so a leftover can be told apart from another
+process's write in progress (`remove_stale_temporaries`).
 """
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -16,7 +20,7 @@ def write_bytes(path, data):
     """Atomically replaces `path` with `data`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -55,7 +59,7 @@ def directory(path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp"))
     try:
         yield tmp
         old = None
@@ -70,26 +74,39 @@ def directory(path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _temporary_prefix(path):
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]*\.tmp$")
+
+
 def remove_stale_temporaries(folder):
-    """Deletes leftovers of writers that were killed mid-write (`.name.*.tmp`)."""
+    """Deletes leftovers of this machine's writers that were killed mid-write.
+
+    Only temporaries whose writer is provably gone are removed: written on this host by
+    a process id that no longer runs. Other hosts' temporaries (a shared run dir) and
+    live processes' writes in progress are left alone.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return
     for leftover in folder.rglob(".*.tmp"):
+        match = _TEMPORARY.match(leftover.name)
+        if not match or match["host"] != _HOST or _is_running(int(match["pid"])):
+            continue
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
 
 
-def make_keras_tuner_json_atomic():
-    """Routes KerasTuner's JSON writes (trial.json, oracle.json, tuner0.json) through
-    `write_json`, so a kill mid-write never leaves a truncated file that breaks resume."""
-    from keras_tuner.src import utils as kt_utils
-
-    def save_json(path, obj):
-        text = json.dumps(obj)
-        write_text(path, text)
-        return text
-
-    kt_utils.save_json = save_json
+def _is_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

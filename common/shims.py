@@ -1,0 +1,118 @@
+"""Every place the tool leans on private KerasTuner or TensorFlow internals, in one module.
+
+Written for keras-tuner 1.4.8 and TensorFlow 2.21 (see `WRITTEN_FOR`). Importing this
+module checks the installed versions and that each internal still exists, so a library
+upgrade fails with one line saying what to do, not with an AttributeError deep in a
+trial. `tests/test_shims.py` has one test per shim that fails when the library's
+behaviour changes.
+
+The shims:
+1. `synchronized`: the oracle's lock decorator, for methods a distributed chief runs
+   concurrently with its gRPC threads.
+2. `SaveBestEpoch`: KerasTuner's best-epoch checkpoint callback class, to recognise it
+   among the callbacks KerasTuner hands to `HyperModel.fit`.
+3. `route_keras_tuner_json_writes`: KerasTuner writes trial.json / oracle.json through
+   `keras_tuner.src.utils.save_json`; routing it through an atomic writer means a kill
+   mid-write never leaves a truncated file that breaks resume.
+4. `init_tuner`: `kt.Tuner.__init__` called directly, so a Hyperband tuner can be given
+   an oracle of our own (kt.Hyperband's constructor always builds its own).
+5. `DeclaredSpaceMixin`: replaces `Tuner._populate_initial_space`, which builds (and
+   loads weights for) a whole model only to discover conditional hyperparameters; the
+   tool's space has none, so declaring it is enough.
+6. `custom_gradient_keys` / `forget_custom_gradients`: TensorFlow's global gradient
+   registry pins every traced Keras train step forever (tensorflow/tensorflow#80895,
+   20-40 MB per trial); the tuner drops a finished trial's entries.
+"""
+
+import keras_tuner as kt
+import tensorflow as tf
+from keras_tuner.src import utils as _kt_utils
+from keras_tuner.src.engine import oracle as _kt_oracle
+from keras_tuner.src.engine import tuner_utils as _kt_tuner_utils
+from tensorflow.python.framework import ops as _tf_ops
+
+from common.errors import UserError
+
+WRITTEN_FOR = {"keras-tuner": ("1.4", kt.__version__), "tensorflow": ("2.21", tf.__version__)}
+
+
+class LibraryVersionError(UserError):
+    """An installed library is not the version the shims were written for."""
+
+
+def check_versions(written_for=WRITTEN_FOR):
+    """Raises `LibraryVersionError` unless each library's version starts as expected."""
+    for name, (expected, installed) in written_for.items():
+        if installed != expected and not installed.startswith(expected + "."):
+            raise LibraryVersionError(
+                f"{name} {installed} is installed, but this tool's library shims (common/shims.py) were "
+                f"written for {name} {expected}.x: run `pip install -r requirements.txt`"
+            )
+
+
+def _require(owner, name):
+    if not hasattr(owner, name):
+        raise LibraryVersionError(
+            f"{getattr(owner, '__name__', owner)} has no {name}: the installed library changed under "
+            "common/shims.py; run `pip install -r requirements.txt`"
+        )
+    return getattr(owner, name)
+
+
+check_versions()
+
+# 1.
+synchronized = _require(_kt_oracle, "synchronized")
+
+# 2.
+SaveBestEpoch = _require(_kt_tuner_utils, "SaveBestEpoch")
+
+
+# 3.
+def route_keras_tuner_json_writes(write_text):
+    """Makes KerasTuner write its JSON files with `write_text(path, text)`."""
+    _require(_kt_utils, "save_json")
+
+    def save_json(path, obj):
+        import json
+
+        text = json.dumps(obj)
+        write_text(path, text)
+        return text
+
+    _kt_utils.save_json = save_json
+
+
+# 4.
+def init_tuner(tuner, oracle, hypermodel, **kwargs):
+    """Runs `kt.Tuner.__init__` on `tuner`, skipping its subclasses' constructors."""
+    kt.Tuner.__init__(tuner, oracle, hypermodel, **kwargs)
+
+
+# 5.
+_require(kt.Tuner, "_populate_initial_space")
+
+
+class DeclaredSpaceMixin:
+    """A Tuner mixin: the space is whatever `hypermodel.declare_hyperparameters` declares."""
+
+    def _populate_initial_space(self):
+        hp = self.oracle.get_space()
+        self.hypermodel.declare_hyperparameters(hp)
+        self.oracle.update_space(hp)
+
+
+# 6.
+_gradient_registry = _require(_tf_ops, "_gradient_registry")
+_require(_gradient_registry, "_registry")
+
+
+def custom_gradient_keys():
+    """The `CustomGradient-*` entries of TensorFlow's global gradient registry."""
+    return {k for k in _gradient_registry._registry if k.startswith("CustomGradient-")}
+
+
+def forget_custom_gradients(keep):
+    """Drops every custom gradient registered since `keep = custom_gradient_keys()`."""
+    for key in custom_gradient_keys() - keep:
+        _gradient_registry._registry.pop(key, None)

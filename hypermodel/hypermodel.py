@@ -1,0 +1,68 @@
+"""TransferHyperModel: KerasTuner's view of the models layer (declare, build, fit a trial)."""
+
+import keras
+import keras_tuner as kt
+
+from hypermodel import space
+from hypermodel.model import build_transfer_model
+from hypermodel.training import train
+
+
+class TransferHyperModel(kt.HyperModel):
+    """Searches backbone, resolution, unfrozen blocks, head and LR schedule.
+
+    Args:
+        choices: A `hypermodel.space.SearchChoices`.
+        num_classes: Output classes K.
+        weights: "imagenet" or "none".
+        batch_size: Training batch size.
+        seed: Seeds initialisation and shuffling.
+        early_stopping_patience: Epochs without val_accuracy gain before a trial stops.
+        feature_cache: A `FeatureCache`, or None to always train end to end.
+    """
+
+    def __init__(self, choices, num_classes, weights="imagenet", batch_size=64, seed=0,
+                 early_stopping_patience=2, feature_cache=None):
+        super().__init__(name="transfer")
+        self.choices = choices
+        self.num_classes = num_classes
+        self.weights = weights
+        self.batch_size = batch_size
+        self.seed = seed
+        self.early_stopping_patience = early_stopping_patience
+        self.feature_cache = feature_cache
+
+    def declare_hyperparameters(self, hp):
+        space.declare(hp, self.choices)
+
+    def build(self, hp):
+        config = space.declare(hp, self.choices)
+        return build_transfer_model(config, self.num_classes, self.weights, self.seed)
+
+    def fit(self, hp, model, data, epochs=1, initial_epoch=0, callbacks=(), verbose=0, **kwargs):
+        """Trains one trial; uses the feature cache when the trial allows it.
+
+        Args:
+            hp: The trial's hyperparameters.
+            model: The model from `build(hp)` (weights loaded for Hyperband rounds > 0).
+            data: A `TrainingData`.
+            epochs, initial_epoch: As in `keras.Model.fit` (set by Hyperband).
+            callbacks: KerasTuner's callbacks (checkpointing, TensorBoard, HParams).
+
+        Returns:
+            The Keras `History`, with `fit_mode` ("cached" or "end-to-end[: reason]")
+            added for the trial's log line.
+        """
+        config = space.declare(hp, self.choices)
+        callbacks = list(callbacks) + [
+            keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", mode="max", patience=self.early_stopping_patience
+            ),
+        ]
+        history, mode = train(
+            model, config, data, batch_size=self.batch_size, seed=self.seed, epochs=epochs,
+            initial_epoch=initial_epoch, callbacks=callbacks, feature_cache=self.feature_cache,
+            verbose=verbose,
+        )
+        history.fit_mode = mode
+        return history

@@ -1,0 +1,83 @@
+"""Model building: a pretrained backbone cut into a frozen prefix and a trainable top.
+
+Every model is composed as `inputs → frozen_prefix → trainable_top`, where the cut
+between the two sits at a block boundary of the backbone: below the first unfrozen
+block (or at the backbone's output when `unfrozen_blocks = 0`). The frozen prefix's
+output for an image never changes, which is what lets the feature cache
+(data_pipeline/feature_cache.py) store it, and `hypermodel.training` train
+`trainable_top` on stored activations: the same function as the end-to-end model,
+without recomputing the prefix every epoch.
+"""
+
+import keras
+
+from hypermodel.backbones import get_backbone
+
+PREFIX_NAME, TOP_NAME, SUFFIX_NAME = "frozen_prefix", "trainable_top", "unfrozen_blocks"
+
+
+def build_transfer_model(config, num_classes, weights="imagenet", seed=0):
+    """Builds `inputs → frozen_prefix → trainable_top` for one `TrialConfig`.
+
+    Args:
+        config: A `hypermodel.space.TrialConfig`.
+        num_classes: Output classes K.
+        weights: "imagenet" or "none".
+        seed: Seeds the random initialisation (head; whole backbone with "none").
+
+    Returns:
+        The end-to-end Keras model, expecting preprocessed [batch, res, res, 3] floats.
+    """
+    keras.utils.set_random_seed(seed)
+    backbone = get_backbone(config.backbone)
+    base = backbone.build(config.resolution, weights)
+    prefix, suffix = split_backbone(base, backbone.block_ends(base), config.unfrozen_blocks)
+    prefix.trainable = False
+
+    top_inputs = keras.Input(prefix.output.shape[1:], name="prefix_features")
+    x = top_inputs
+    if suffix is not None:
+        for layer in suffix.layers:
+            # Keras 3: a non-trainable BatchNormalization runs in inference mode, keeping
+            # the ImageNet statistics (the standard fine-tuning recipe).
+            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        x = suffix(x)
+    x = keras.layers.GlobalAveragePooling2D()(x) if config.pooling == "avg" else keras.layers.Flatten()(x)
+    x = keras.layers.Dropout(config.dropout)(x)
+    x = keras.layers.Dense(config.dense_units, activation="relu")(x)
+    x = keras.layers.Dropout(config.dropout)(x)
+    # float32 softmax even under mixed precision, for a numerically sound loss.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32")(x)
+    top = keras.Model(top_inputs, outputs, name=TOP_NAME)
+
+    inputs = keras.Input((config.resolution, config.resolution, 3), name="images")
+    return keras.Model(inputs, top(prefix(inputs, training=False)), name=f"{config.backbone}_transfer")
+
+
+def split_backbone(base, block_ends, unfrozen_blocks):
+    """Cuts a backbone below its last `unfrozen_blocks` blocks.
+
+    Args:
+        base: The backbone model.
+        block_ends: Its block boundaries, bottom to top (`Backbone.block_ends`).
+        unfrozen_blocks: How many top blocks go to the suffix; clipped so that block 0,
+            the stem, always stays in the frozen prefix.
+
+    Returns:
+        (prefix, suffix): `suffix(prefix(x)) == base(x)`; suffix is None for 0 blocks.
+    """
+    unfrozen = min(unfrozen_blocks, len(block_ends) - 1)
+    if unfrozen == 0:
+        return keras.Model(base.input, base.output, name=PREFIX_NAME), None
+    cut = base.get_layer(block_ends[-(unfrozen + 1)]).output
+    return keras.Model(base.input, cut, name=PREFIX_NAME), keras.Model(cut, base.output, name=SUFFIX_NAME)
+
+
+def set_unfrozen_blocks_trainable(model, trainable):
+    """Freezes or unfreezes the backbone blocks of `trainable_top` (BatchNorm stays frozen)."""
+    top = model.get_layer(TOP_NAME)
+    suffix = [layer for layer in top.layers if layer.name == SUFFIX_NAME]
+    for layer in suffix[0].layers if suffix else []:
+        layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
+
+

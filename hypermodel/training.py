@@ -1,0 +1,141 @@
+"""The training loop: compile with the trial's schedule, fit end to end or on cached features.
+
+`train` is the one way any model of the tool is fitted (search trials, both retrain
+phases). It trains `trainable_top` on stored prefix activations when the feature
+cache can serve the trial, else the whole model on images through tf.data.
+"""
+
+import math
+
+import keras
+
+from common.shims import SaveBestEpoch
+from data_pipeline.feature_cache import feature_batches
+from data_pipeline.pipeline import make_dataset
+from hypermodel.backbones import get_backbone
+from hypermodel.callbacks import AtomicCheckpoint, FailOnNaN, StepTimer
+from hypermodel.model import PREFIX_NAME, TOP_NAME
+from hypermodel.schedules import WarmupSchedule
+
+
+def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=None):
+    """Compiles with the trial's optimizer and warmup + decay schedule over `epochs`."""
+    schedule = WarmupSchedule(
+        learning_rate or config.learning_rate,
+        config.lr_schedule,
+        total_steps=steps_per_epoch * max(1, epochs),
+        warmup_steps=steps_per_epoch * config.warmup_epochs,
+    )
+    # The optimizer's variables must live under the strategy the model was built in.
+    with model.distribute_strategy.scope():
+        if config.optimizer == "adamw":
+            optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
+        else:
+            optimizer = keras.optimizers.Adam(schedule)
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,
+          callbacks=(), feature_cache=None, verbose=0):
+    """Compiles and fits `model` on `data`, on cached prefix features when possible.
+
+    Args:
+        model: A model from `build_transfer_model`.
+        config: Its `TrialConfig`.
+        data: A `TrainingData`.
+        learning_rate: Overrides `config.learning_rate` (the retrain's phase 2).
+        callbacks: Keras callbacks; a NaN guard is added.
+        feature_cache: A `FeatureCache`, or None to train end to end.
+
+    Returns:
+        (History, how it trained: "cached" or "end-to-end[: reason]").
+    """
+    callbacks = [AtomicCheckpoint(cb) if isinstance(cb, SaveBestEpoch) else cb for cb in callbacks]
+    callbacks.append(FailOnNaN())
+    # shuffle=False: the tf.data pipelines shuffle, in a seeded order (Keras would warn).
+    fit = dict(epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, shuffle=False)
+    mode = "end-to-end"
+    if feature_cache is not None:
+        reason = why_not_cached(model, config, data, feature_cache)
+        if reason is None:
+            return fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks,
+                                   feature_cache, **fit), "cached"
+        mode = f"end-to-end: {reason}"
+    compile_for_training(model, config, math.ceil(len(data.x_train) / batch_size), epochs - initial_epoch,
+                         learning_rate)
+    preprocess_input = get_backbone(config.backbone).preprocess_input
+    train_ds = make_dataset(
+        data.x_train, data.y_train, config.resolution, preprocess_input,
+        batch_size, shuffle_seed=seed, augmentation=config.augmentation,
+    )
+    val_ds = make_dataset(data.x_val, data.y_val, config.resolution, preprocess_input, batch_size)
+    history = model.fit(train_ds, validation_data=val_ds, callbacks=callbacks, **fit)
+    return history, mode
+
+
+def why_not_cached(model, config, data, feature_cache):
+    """None when `model`'s top can train on cached features, else the reason it can't."""
+    if config.augmentation != "none":
+        return "augmentation"  # the cache holds one un-augmented view of each image
+    if model.distribute_strategy.num_replicas_in_sync > 1:
+        # Multi-device trials are for accelerators, where end to end is affordable;
+        # the cached top's all-reduce is not supported here.
+        return "multi-device strategy"
+    needed = feature_cache.nbytes(model.get_layer(PREFIX_NAME), len(data.x_train) + len(data.x_val))
+    if needed > feature_cache.budget_bytes:
+        return f"cache {needed / 2**20:.0f} MB > budget {feature_cache.budget_bytes / 2**20:.0f} MB"
+    return None
+
+
+def fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks, feature_cache, **fit):
+    """Trains `model`'s trainable top on the frozen prefix's cached activations.
+
+    The top shares its weights with `model`, so `model` is trained too; checkpoints
+    are pinned to `model` so they stay loadable into `build(hp)`.
+    """
+    prefix, top = model.get_layer(PREFIX_NAME), model.get_layer(TOP_NAME)
+    preprocess_input = get_backbone(config.backbone).preprocess_input
+
+    def features(images, split):
+        return feature_cache.features(
+            prefix, images, source=config.backbone, resolution=config.resolution,
+            preprocess_input=preprocess_input, data_key=f"{data.key}/{split}", batch_size=batch_size,
+        )
+
+    train_features, val_features = features(data.x_train, "train"), features(data.x_val, "val")
+    compile_for_training(top, config, math.ceil(len(train_features) / batch_size),
+                         fit["epochs"] - fit["initial_epoch"], learning_rate)
+    callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]
+    return top.fit(
+        feature_batches(train_features, data.y_train, batch_size, seed),
+        validation_data=feature_batches(val_features, data.y_val, batch_size),
+        callbacks=callbacks, **fit,
+    )
+
+
+def epochs_that_fit(seconds, model, config, data, batch_size, seed, timed_steps=24, warmup_steps=8):
+    """How many end-to-end epochs of `model` on `data` fit in `seconds`.
+
+    Times real training steps (the run's pipeline and augmentation; the first
+    `warmup_steps` absorb tracing and tf.data's warm-up: with 4 of them and 12 timed
+    steps one estimate came out 40 % high), then restores the weights, so the caller's
+    schedule can be planned over the epochs that will actually run.
+
+    Returns:
+        (epochs, estimated seconds per epoch including validation); epochs ≥ 1.
+    """
+    weights = model.get_weights()
+    steps_per_epoch = math.ceil(len(data.x_train) / batch_size)
+    compile_for_training(model, config, steps_per_epoch, 1)
+    train_ds = make_dataset(
+        data.x_train, data.y_train, config.resolution, get_backbone(config.backbone).preprocess_input,
+        batch_size, shuffle_seed=seed, augmentation=config.augmentation,
+    )
+    timer = StepTimer()
+    # repeat(): a small training set may have fewer batches than the timing needs.
+    model.fit(train_ds.repeat().take(warmup_steps + timed_steps), callbacks=[timer], verbose=0, shuffle=False)
+    model.set_weights(weights)
+    step_s = (timer.ends[-1] - timer.ends[warmup_steps - 1]) / (len(timer.ends) - warmup_steps)
+    # Validation is a forward pass: about a third of a training step per batch.
+    epoch_s = step_s * (steps_per_epoch + math.ceil(len(data.x_val) / batch_size) / 3)
+    return max(1, int(seconds // epoch_s)), epoch_s
