@@ -2,6 +2,7 @@
 
 import glob
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -216,6 +217,18 @@ def test_consecutive_failures_stop_with_one_line(tmp_path, nan_above_learning_ra
     assert list(board["status"]) == ["FAILED"] * 3
 
 
+def test_a_search_with_no_completed_trial_ends_in_one_user_error(tmp_path, nan_above_learning_rate):
+    from tuning.jobs import NoCompletedTrial, search
+
+    choices = SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,), unfrozen_blocks=(0,),
+                            learning_rate=(0.1, 1.0))
+    settings = small_settings(tmp_path, max_trials=2, max_consecutive_failures=5, choices=choices)
+    with pytest.raises(NoCompletedTrial, match="completed no trial .*leaderboard.csv") as raised:
+        search(settings)
+    assert len(str(raised.value).splitlines()) == 1
+    assert list(pd.read_csv(tmp_path / "run" / "leaderboard.csv")["status"]) == ["FAILED"] * 2
+
+
 def test_gpu_profile_runs_on_cpu_with_a_tiny_budget(tmp_path):
     """The gpu profile's whole job (mixed precision, batch 128, a job deadline) on CPU, tiny inputs.
 
@@ -237,6 +250,11 @@ def test_gpu_profile_runs_on_cpu_with_a_tiny_budget(tmp_path):
     assert list(board["status"]) == ["COMPLETED", "COMPLETED"]
     assert set(board["backbone"]) == {"mobilenet_v2_1.0"}
     assert "epochs fit before the job's deadline" in result.stdout
+    # The longest stage shows progress: a line per epoch with the time left in the job.
+    assert re.search(r"phase2 epoch 1/\d+: accuracy \d\.\d+, val_accuracy \d\.\d+ .*min left in the job",
+                     result.stdout), result.stdout
+    # Only the tool's own lines: no library warnings.
+    assert "Warning" not in result.stdout + result.stderr, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["phase2"]["augmentation"] == "flip_shift_erase" and metrics["phase2"]["epochs"] >= 1
     assert metrics["export"]["passed"] and metrics["export"]["flip_tta"] == metrics["tta"]["used"]

@@ -36,6 +36,7 @@ COMMAND_OPTIONS = {
         ("host", "--host", dict(help="default 127.0.0.1; another address exposes it to the network")),
     ),
 }
+BEFORE_COMMAND = "_before_command"
 # Commands that stop on Ctrl-C with work a rerun continues.
 RESUMABLE_COMMANDS = (JOB, "search", "retrain")
 
@@ -101,7 +102,10 @@ def _add_settings(parser, command):
         flags = [setting.flag] + (["--verbose"] if setting.flag == "-v" else [])
         common = dict(dest=setting.name, help=setting.help)
         if setting.parse == "count":
-            parser.add_argument(*flags, action="count", **common)
+            # A subcommand's parser starts from an empty namespace: counts given before
+            # the command get their own dest, added up in `parse`.
+            dest = setting.name + BEFORE_COMMAND if command == JOB else setting.name
+            parser.add_argument(*flags, action="count", **{**common, "dest": dest})
         elif setting.parse == "store_true":
             parser.add_argument(*flags, action="store_true", **common)
         elif setting.parse == "switch":
@@ -121,6 +125,9 @@ def parse(argv):
     """Parses `argv` into an `Invocation`, refusing options the command does not take."""
     namespace = vars(build_parser().parse_args(argv))
     command = namespace.pop("command", None) or JOB
+    for key in [k for k in namespace if k.endswith(BEFORE_COMMAND)]:
+        name = key[: -len(BEFORE_COMMAND)]
+        namespace[name] = namespace.pop(key) + namespace.get(name, 0)
     allowed = options_of(command)
     foreign = [dest for dest in namespace if dest not in allowed and dest != "inputs"]
     if foreign:
