@@ -4,6 +4,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from common import atomic
@@ -126,6 +127,32 @@ def plot_learning_curves(metrics, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Retraining: phase 1 (frozen backbone) → phase 2 (unfrozen top blocks)")
+    save_figure(fig, path)
+
+
+def plot_confusion_matrix(confusion, class_names, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), value in np.ndenumerate(confusion):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                color="white" if value > confusion.max() / 2 else "black")
+    ax.set_title("Test confusion matrix")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """Writes a matplotlib figure as PNG, atomically, and closes it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

@@ -10,7 +10,6 @@ test-time augmentation is then kept if it helps on validation.
 """
 
 import dataclasses
-import io
 import json
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from hypermodel.callbacks import EpochProgress, StopAtDeadline
 from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
 from hypermodel.space import config_from_values
 from hypermodel.training import epochs_that_fit, train
+from tuning import report
 
 FINISH_RESERVE_S = 150  # after phase 2: TTA check, test evaluation, export with parity, report
 
@@ -132,7 +132,7 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
     metrics = evaluate_test(model, config, dataset, settings.batch_size, tta=tta["used"])
     metrics.update(histories, tta=tta, trial_id=best["trial_id"], hyperparameters=config.to_dict())
     atomic.write_json(run_dir / "metrics.json", metrics)
-    plot_confusion_matrix(np.array(metrics["confusion_matrix"]), dataset.class_names, run_dir / "confusion_matrix.png")
+    report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), dataset.class_names, run_dir / "confusion_matrix.png")
     log(f"test accuracy: {metrics['test_accuracy']:.4f} ({len(dataset.y_test)} test images)")
     return metrics
 
@@ -206,26 +206,3 @@ def evaluate_test(model, config, dataset, batch_size=128, tta=False):
         "confusion_matrix": confusion.tolist(),
         "class_names": list(dataset.class_names),
     }
-
-
-def plot_confusion_matrix(confusion, class_names, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (i, j), value in np.ndenumerate(confusion):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                color="white" if value > confusion.max() / 2 else "black")
-    ax.set_title("Test confusion matrix")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic.write_bytes(path, buffer.getvalue())
