@@ -32,8 +32,10 @@ import keras  # noqa: E402
 from data_pipeline import load_dataset  # noqa: E402
 from data_pipeline.feature_cache import FeatureCache  # noqa: E402
 from hypermodel.space import TrialConfig  # noqa: E402
-from hypermodel.transfer import TrainingData, build_transfer_model, train  # noqa: E402
-from tuning.jobs import search_data
+from data_pipeline.splits import TrainingData  # noqa: E402
+from hypermodel.model import build_transfer_model  # noqa: E402
+from hypermodel.training import train  # noqa: E402
+from tuning.jobs import search_data  # noqa: E402
 from tuning.settings import Settings  # noqa: E402
 
 

@@ -26,9 +26,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from data_pipeline import load_dataset  # noqa: E402
 from hypermodel.space import TrialConfig  # noqa: E402
-from hypermodel.transfer import build_transfer_model, epochs_that_fit, train  # noqa: E402
+from hypermodel.model import build_transfer_model  # noqa: E402
+from hypermodel.training import epochs_that_fit, train  # noqa: E402
 from tuning.retrain import evaluate_test  # noqa: E402
-from tuning.jobs import search_data
+from tuning.jobs import search_data  # noqa: E402
 from tuning.settings import Settings  # noqa: E402
 
 RECIPE = TrialConfig(
