@@ -88,6 +88,7 @@ class BudgetedOracleMixin:
             if tuner_id not in self.ongoing_trials and now - idle_since > timeout:
                 self.tuner_ids.discard(tuner_id)
 
+    @shims.synchronized  # the stop decision is made before another worker can get a trial
     def end_trial(self, trial):
         self._last_seen.pop(trial.trial_id, None)
         started = self._started.pop(trial.trial_id, None)

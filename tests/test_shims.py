@@ -1,0 +1,323 @@
+"""One test per shim in `common/shims.py`, each against the real installed library.
+
+Every test here exercises the KerasTuner / TensorFlow behaviour a shim relies on, with
+real objects (tiny models on a few random rows, projects in `tmp_path`), so that a
+library upgrade that changes it fails here, by name, rather than deep inside a trial.
+"""
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pytest
+from keras_tuner.src import utils as kt_utils
+
+from common import shims
+from common.errors import UserError
+
+REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements.txt"
+
+
+def tiny_data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 4), dtype=np.float32)
+    y = rng.integers(0, 2, n)
+    return x, y
+
+
+class TinyHyperModel(kt.HyperModel):
+    """A one-Dense-layer classifier; counts its builds and records what fit() receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.builds = 0
+        self.fits = []  # (hyperparameter values, fit kwargs) per fit() call
+
+    def declare_hyperparameters(self, hp):
+        hp.Choice("units", [2, 3])
+
+    def build(self, hp):
+        self.builds += 1
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(hp.Choice("units", [2, 3])),
+                                  keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    def fit(self, hp, model, *args, **kwargs):
+        self.fits.append((dict(hp.values), dict(kwargs)))
+        return super().fit(hp, model, *args, **kwargs)
+
+
+def search_tiny(tuner, epochs=None):
+    x, y = tiny_data()
+    kwargs = {} if epochs is None else {"epochs": epochs}
+    tuner.search(x, y, validation_data=tiny_data(16, seed=1), batch_size=16, verbose=0, **kwargs)
+
+
+# check_versions ------------------------------------------------------------------------
+
+
+def test_check_versions_accepts_the_installed_libraries_and_refuses_others_in_one_line():
+    shims.check_versions()  # the installed versions (what the module checked at import)
+    shims.check_versions({"keras-tuner": ("1.4", "1.4.8"), "tensorflow": ("2.21", "2.21")})
+
+    for installed in ("1.5.0", "1.40.1", "2.0"):
+        with pytest.raises(shims.LibraryVersionError) as raised:
+            shims.check_versions({"keras-tuner": ("1.4", installed)})
+        assert isinstance(raised.value, UserError)  # search.py prints it as one line, exit 2
+        message = str(raised.value)
+        assert "\n" not in message
+        assert "keras-tuner" in message and installed in message and "1.4" in message
+        assert "pip install -r requirements.txt" in message
+
+
+def test_shims_are_written_for_the_versions_requirements_pins():
+    pins = dict(re.findall(r"^([\w-]+)==([\w.]+)", REQUIREMENTS.read_text(), flags=re.M))
+    for name, (expected, installed) in shims.WRITTEN_FOR.items():
+        assert pins[name].startswith(expected + "."), (name, expected, pins[name])
+        assert installed == pins[name], f"{name} {installed} is installed, requirements.txt pins {pins[name]}"
+
+
+def test_a_missing_library_internal_is_a_version_error_not_an_attribute_error():
+    with pytest.raises(shims.LibraryVersionError, match="pip install -r requirements.txt"):
+        shims._require(kt_utils, "no_such_internal")
+
+
+# 1. synchronized -----------------------------------------------------------------------
+
+
+class LockedOracle(kt.oracles.RandomSearchOracle):
+    calls = None
+
+    @shims.synchronized
+    def slow(self, name, hold_s):
+        self.calls.append((name, "enter", time.monotonic()))
+        time.sleep(hold_s)
+        self.calls.append((name, "exit", time.monotonic()))
+        return name
+
+    @shims.synchronized
+    def hold(self, release):
+        self.calls.append(("hold", "enter", time.monotonic()))
+        release.wait(timeout=10)
+
+    @shims.synchronized
+    def nested(self):
+        # A synchronized method calling another one on the same oracle (as the
+        # tuner's fail_silent_trials calls end_trial) must not deadlock.
+        return self.get_space() is not None and self.slow("inner", 0)
+
+
+def test_synchronized_serialises_calls_on_one_oracle_and_is_reentrant():
+    oracle = LockedOracle(objective="val_loss", max_trials=1)
+    oracle.calls = []
+    results = []
+    threads = [threading.Thread(target=lambda n=n: results.append(oracle.slow(n, 0.3))) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(results) == ["a", "b"]  # the decorated function runs and returns its value
+    events = [(name, what) for name, what, _ in oracle.calls]
+    # Never both inside at once: each enter is immediately followed by its own exit.
+    assert events in ([("a", "enter"), ("a", "exit"), ("b", "enter"), ("b", "exit")],
+                      [("b", "enter"), ("b", "exit"), ("a", "enter"), ("a", "exit")]), events
+
+    oracle.calls = []
+    worker = threading.Thread(target=lambda: results.append(oracle.nested()), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "a synchronized method calling another one deadlocked"
+    assert results[-1] == "inner"
+
+
+def test_synchronized_does_not_block_a_different_oracle():
+    first, second = (LockedOracle(objective="val_loss", max_trials=1) for _ in range(2))
+    first.calls, second.calls = [], []
+    release = threading.Event()
+    holder = threading.Thread(target=first.hold, args=(release,), daemon=True)
+    holder.start()
+    try:
+        waited = time.monotonic()
+        while not first.calls and time.monotonic() - waited < 10:
+            time.sleep(0.01)
+        assert first.calls, "the first oracle's synchronized method never started"
+        other = threading.Thread(target=second.slow, args=("second", 0), daemon=True)
+        other.start()
+        other.join(timeout=5)
+        assert not other.is_alive(), "one oracle's lock blocked another oracle"
+    finally:
+        release.set()
+        holder.join(timeout=10)
+
+
+# 2. SaveBestEpoch -----------------------------------------------------------------------
+
+
+def test_keras_tuner_hands_fit_a_save_best_epoch_whose_filepath_is_read_when_saving(tmp_path):
+    hypermodel = TinyHyperModel()
+    tuner = kt.RandomSearch(hypermodel, objective="val_loss", max_trials=1, directory=str(tmp_path),
+                            project_name="p", seed=1)
+    search_tiny(tuner, epochs=1)
+
+    [(_, kwargs)] = hypermodel.fits
+    checkpoints = [cb for cb in kwargs["callbacks"] if isinstance(cb, shims.SaveBestEpoch)]
+    assert len(checkpoints) == 1, [type(cb) for cb in kwargs["callbacks"]]
+    checkpoint = checkpoints[0]
+    # KerasTuner saved the trial's best epoch at the callback's filepath, a .weights.h5
+    # (hypermodel.callbacks.AtomicCheckpoint swaps it for a temporary name of that form).
+    assert checkpoint.filepath.endswith(".weights.h5") and Path(checkpoint.filepath).is_file()
+
+    redirected = tmp_path / "redirected.weights.h5"
+    checkpoint.filepath = str(redirected)
+    checkpoint.on_epoch_end(1, {"val_loss": -1.0})  # better than any epoch so far: saves
+    assert redirected.is_file()
+
+
+# 3. route_keras_tuner_json_writes --------------------------------------------------------
+
+
+def test_every_keras_tuner_json_file_is_written_through_the_routed_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt_utils, "save_json", kt_utils.save_json)  # restored after the test
+    written = {}
+
+    def write_text(path, text):
+        written[str(Path(path).resolve())] = text
+        Path(path).write_text(text)
+
+    shims.route_keras_tuner_json_writes(write_text)
+    tuner = kt.RandomSearch(TinyHyperModel(), objective="val_loss", max_trials=2, directory=str(tmp_path),
+                            project_name="p", seed=1)
+    search_tiny(tuner, epochs=1)
+
+    on_disk = {str(p.resolve()) for p in (tmp_path / "p").rglob("*.json")}
+    names = {Path(p).name for p in on_disk}
+    assert {"oracle.json", "trial.json", "tuner0.json"} <= names, names
+    assert on_disk <= set(written), f"written without the routed writer: {sorted(on_disk - set(written))}"
+    for path in on_disk:
+        assert json.loads(Path(path).read_text()) == json.loads(written[path])
+
+
+# 4 and 5. init_tuner and DeclaredSpaceMixin ------------------------------------------------
+
+
+class CustomHyperbandOracle(kt.oracles.HyperbandOracle):
+    pass
+
+
+class DeclaredHyperband(shims.DeclaredSpaceMixin, kt.Hyperband):
+    def __init__(self, oracle, hypermodel, **kwargs):
+        shims.init_tuner(self, oracle, hypermodel, **kwargs)
+
+
+def test_keras_tuners_default_initial_space_builds_a_model(tmp_path):
+    # Why DeclaredSpaceMixin exists: KerasTuner builds a whole model (with its
+    # weights) in the tuner's constructor just to discover the space. When this
+    # fails, KerasTuner stopped doing so and the mixin can go.
+    hypermodel = TinyHyperModel()
+    kt.Hyperband(hypermodel, objective="val_loss", max_epochs=2, factor=2, seed=1, directory=str(tmp_path),
+                 project_name="p")
+    assert hypermodel.builds == 1
+
+
+def test_init_tuner_keeps_our_oracle_and_the_space_is_declared_without_a_build(tmp_path):
+    hypermodel = TinyHyperModel()
+    oracle = CustomHyperbandOracle(objective="val_loss", max_epochs=2, factor=2, hyperband_iterations=1, seed=1)
+    tuner = DeclaredHyperband(oracle, hypermodel, directory=str(tmp_path), project_name="p")
+
+    assert tuner.oracle is oracle
+    # The space is known from declare_hyperparameters alone, before any model exists.
+    assert hypermodel.builds == 0
+    assert [hp.name for hp in tuner.oracle.get_space().space] == ["units"]
+
+    search_tiny(tuner)
+    trials = tuner.oracle.trials.values()
+    assert len(trials) >= 2 and {t.status for t in trials} == {"COMPLETED"}
+    assert hypermodel.builds == len(trials) == len(hypermodel.fits)
+    # kt.Hyperband's trial logic runs with our oracle: each fit gets its round's epochs,
+    # and a later round continues from an earlier trial's checkpoint.
+    for values, kwargs in hypermodel.fits:
+        assert kwargs["epochs"] == values["tuner/epochs"]
+        assert kwargs["initial_epoch"] == values["tuner/initial_epoch"]
+    assert any(values.get("tuner/trial_id") for values, _ in hypermodel.fits)
+
+
+# 6. custom_gradient_keys / forget_custom_gradients ---------------------------------------
+
+
+def fit_tiny_model():
+    x, y = tiny_data()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+
+
+def test_fitting_a_model_registers_custom_gradients_and_forget_drops_only_the_new_ones():
+    fit_tiny_model()
+    earlier = shims.custom_gradient_keys()
+    assert earlier, "fitting a Keras model no longer registers CustomGradient-* entries (tensorflow#80895)"
+
+    fit_tiny_model()
+    after = shims.custom_gradient_keys()
+    # The leak the shim works around: every traced train step adds entries, forever.
+    assert after > earlier, "a second fit added no CustomGradient-* entries: tensorflow#80895 may be fixed"
+
+    shims.forget_custom_gradients(earlier)
+    assert shims.custom_gradient_keys() == earlier
+    fit_tiny_model()  # TensorFlow still trains after entries were dropped
+
+
+# Consecutive failures (tuning.tuner.BudgetedOracleMixin, with KerasTuner's own check off) --
+
+
+def end_trials(oracle, statuses):
+    for status in statuses:
+        trial = oracle.create_trial("tuner0")
+        assert trial.status == "RUNNING"
+        if status == "COMPLETED":
+            oracle.update_trial(trial.trial_id, {"val_accuracy": 0.5})
+        trial.status = status
+        trial.message = "Traceback ...\nValueError: something unlike KerasTuner's wording"
+        oracle.end_trial(trial)
+
+
+@pytest.fixture
+def budgeted_oracle(tmp_path):
+    from tuning.tuner import RandomSearchOracle
+
+    def make():
+        oracle = RandomSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=20, seed=1,
+                                    max_retries_per_trial=0, max_consecutive_failed_trials=None)
+        oracle.max_failures = 3
+        hp = kt.HyperParameters()
+        hp.Float("x", 0, 1)
+        oracle.update_space(hp)
+        oracle._set_project_dir(str(tmp_path), f"p{len(list(tmp_path.iterdir()))}")
+        return oracle
+
+    return make
+
+
+def test_three_failed_trials_in_a_row_stop_the_search_after_saving_the_last(budgeted_oracle):
+    oracle = budgeted_oracle()
+    end_trials(oracle, ["FAILED", "FAILED", "FAILED"])  # KerasTuner itself raises nothing
+    assert oracle.stop_reason
+    assert oracle.populate_space("99")["status"] == "STOPPED"
+    assert oracle.create_trial("tuner0").status == "STOPPED"
+    # The third failure was recorded (saved, no longer ongoing) before the stop.
+    assert [oracle.trials[t].status for t in oracle.end_order] == ["FAILED"] * 3
+    assert not oracle.ongoing_trials
+
+
+def test_a_completed_trial_resets_the_consecutive_failure_count(budgeted_oracle):
+    oracle = budgeted_oracle()
+    end_trials(oracle, ["FAILED", "FAILED", "COMPLETED", "FAILED", "FAILED"])
+    assert not oracle.stop_reason
+    assert oracle.populate_space("99")["status"] == "RUNNING"
+    end_trials(oracle, ["FAILED"])
+    assert oracle.stop_reason
