@@ -970,9 +970,7 @@ def test_make_dataset_unlabeled(backbones, small):
     assert shapes == [(6, 32, 32, 3), (4, 32, 32, 3)]
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"resolution": 31}, {"resolution": 300}, {"resolution": 32, "augmentation": "mixup"}]
-)
+@pytest.mark.parametrize("kwargs", [{"resolution": 32, "augmentation": "mixup"}])
 def test_make_dataset_rejects_bad_settings(backbones, small, kwargs):
     from data_pipeline.pipeline import make_dataset
 
