@@ -18,12 +18,25 @@ from pathlib import Path
 
 def write_bytes(path, data):
     """Atomically replaces `path` with `data`."""
+    with open_for_replace(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def open_for_replace(path):
+    """A binary file to write that replaces `path` only if the block succeeds.
+
+    Example:
+        with atomic.open_for_replace(store_path) as f:
+            for batch in batches:
+                f.write(batch)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

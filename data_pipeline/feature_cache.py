@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import atomic
-from data_pipeline.pipeline import make_dataset
+from data_pipeline.pipeline import indexed_batches, make_dataset
 
 BYTES_PER_VALUE = 2  # float16 storage
 
@@ -121,26 +121,9 @@ class FeatureCache:
 
 
 def feature_batches(features, labels, batch_size, shuffle_seed=None):
-    """Batches of cached features in exactly the order `make_dataset` batches the images.
-
-    tf.data's shuffle order depends only on the element count and the seeds, so
-    shuffling indices with the same seed reproduces the end-to-end pipeline's batches.
-    Features are gathered from the NumPy array per batch (no giant graph constant).
-    """
-    ds = tf.data.Dataset.range(len(features))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(features), seed=shuffle_seed, reshuffle_each_iteration=True)
-
-    def gather(indices):
-        return features[indices].astype(np.float32), labels[indices].astype(np.int32)
-
-    def load(indices):
-        x, y = tf.numpy_function(gather, [indices], (tf.float32, tf.int32))
-        x.set_shape([None, *features.shape[1:]])
-        y.set_shape([None])
-        return x, y
-
-    return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    """Batches of cached float16 features (as float32), in exactly the order
+    `make_dataset` batches the images with the same seed (`indexed_batches`)."""
+    return indexed_batches(features, labels, batch_size, shuffle_seed, dtype=tf.float32).prefetch(tf.data.AUTOTUNE)
 
 
 def _sha(array):

@@ -1,9 +1,10 @@
 """Feed data through tf.data without ever materialising resized copies.
 
-The raw uint8 28×28 images (47 MB for 60k) are what is cached. Each batch is then
-cast, augmented at 28×28 (cheap), turned gray→RGB, resized to the backbone's input
-resolution and preprocessed, so peak memory depends on the batch size, not on the
-resolution or the dataset size.
+The stored uint8 images — 28×28 arrays in RAM, or file images decoded once into the
+image store (data_pipeline/store.py) — are what is kept. Each batch is gathered from
+them by index, cast, augmented at the stored size (cheap), turned to RGB, resized to
+the backbone's input resolution and preprocessed, so peak memory depends on the batch
+size, not on the resolution or the dataset size.
 """
 
 import numpy as np
@@ -11,39 +12,43 @@ import tensorflow as tf
 
 from common.errors import UsageError
 
-AUGMENTATIONS = ("none", "flip", "flip_shift", "flip_shift_erase")
+# Flips are searchable: they help photos and clothes, and hurt digits and text.
+AUGMENTATIONS = ("none", "flip", "flip_shift", "flip_shift_erase", "shift", "shift_erase")
 
 
 def prepare_images(images, resolution, preprocess_input):
-    """uint8 [batch, 28, 28] (or float) → preprocessed float32 [batch, res, res, 3].
+    """uint8 [batch, h, w] or [batch, h, w, 1 or 3] → preprocessed float32 [batch, res, res, 3].
 
     The one image transform shared by training, evaluation and the exported model.
     """
     x = tf.cast(images, tf.float32)
     if x.shape.rank == 3:
         x = x[..., tf.newaxis]
-    x = tf.image.grayscale_to_rgb(x)
+    if x.shape[-1] == 1:
+        x = tf.image.grayscale_to_rgb(x)
     x = tf.image.resize(x, (resolution, resolution), method="bilinear")
     return preprocess_input(x)
 
 
 def augment_images(images, augmentation):
-    """Training-only augmentation at 28×28, before the (expensive) resize.
+    """Training-only augmentation at the stored size, before the (expensive) resize.
 
     Args:
-        images: float32 [batch, 28, 28, 1].
+        images: float32 [batch, h, w, channels].
         augmentation: One of `AUGMENTATIONS`.
     """
+    if augmentation not in AUGMENTATIONS:
+        raise UsageError(f"augmentation {augmentation!r} is not one of {AUGMENTATIONS}")
     if augmentation == "none":
         return images
     batch = tf.shape(images)[0]
-    images = tf.where(
-        tf.random.uniform([batch, 1, 1, 1]) < 0.5, tf.reverse(images, axis=[2]), images
-    )
-    if augmentation == "flip":
+    if augmentation.startswith("flip"):
+        images = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.5, tf.reverse(images, axis=[2]), images)
+    if "shift" not in augmentation:
         return images
-    # Shift up to 2 px in each direction, zero fill (the background is black).
-    shifts = tf.random.uniform([batch, 2], -2, 3, dtype=tf.int32)
+    # Shift up to 1/14 of the side (2 px at 28) in each direction, black fill.
+    most = max(1, round(images.shape[1] / 14))
+    shifts = tf.random.uniform([batch, 2], -most, most + 1, dtype=tf.int32)
     shifts = tf.cast(shifts, tf.float32)
     ones, zeros = tf.ones([batch, 1]), tf.zeros([batch, 1])
     transforms = tf.concat(
@@ -53,7 +58,7 @@ def augment_images(images, augmentation):
         images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
         interpolation="NEAREST", fill_mode="CONSTANT", fill_value=0.0,
     )
-    if augmentation == "flip_shift_erase":
+    if augmentation.endswith("erase"):
         images = _random_erase(images)
     return images
 
@@ -86,10 +91,10 @@ def make_dataset(
     shuffle_seed=None,
     augmentation="none",
 ):
-    """The tf.data pipeline: cache raw → shuffle → batch → augment → RGB → resize → preprocess.
+    """The tf.data pipeline: gather stored images → augment → RGB → resize → preprocess.
 
     Args:
-        images: uint8 N×28×28 numpy array.
+        images: uint8 N×H×W[×C] numpy array, or `StoredImages` (data_pipeline/store.py).
         labels: int vector, or None for unlabeled data.
         resolution: Side of the square model input.
         preprocess_input: The backbone's `preprocess_input`.
@@ -103,17 +108,47 @@ def make_dataset(
     """
     if augmentation not in AUGMENTATIONS:
         raise UsageError(f"augmentation {augmentation!r} is not one of {AUGMENTATIONS}")
-    items = images if labels is None else (images, labels)
-    ds = tf.data.Dataset.from_tensor_slices(items).cache()
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
 
     def transform(x, *y):
-        x = tf.cast(x, tf.float32)[..., tf.newaxis]
+        x = tf.cast(x, tf.float32)
+        if x.shape.rank == 3:
+            x = x[..., tf.newaxis]
         if shuffle_seed is not None:
             x = augment_images(x, augmentation)
         x = prepare_images(x, resolution, preprocess_input)
         return (x, *y) if y else x
 
+    ds = indexed_batches(images, labels, batch_size, shuffle_seed)
     return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def indexed_batches(images, labels, batch_size, shuffle_seed=None, dtype=tf.uint8):
+    """Batches gathered by index from `images` (and `labels`), optionally shuffled.
+
+    tf.data's shuffle order depends only on the element count and the seeds, so any
+    two arrays of the same length batched here with the same seed line up: the feature
+    cache relies on this to feed the same batches as the image pipeline.
+
+    Args:
+        images: A numpy array (or anything whose `gather(indices)` / `[indices]` does that).
+        labels: int vector, or None.
+        dtype: What `images` are cast to (float16 features come out as float32).
+    """
+    ds = tf.data.Dataset.range(len(images))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    take = getattr(images, "gather", None) or images.__getitem__
+
+    def gather(indices):
+        x = np.asarray(take(indices)).astype(dtype.as_numpy_dtype, copy=False)
+        return (x,) if labels is None else (x, labels[indices].astype(np.int32))
+
+    def load(indices):
+        out = tf.numpy_function(gather, [indices], (dtype,) if labels is None else (dtype, tf.int32))
+        out[0].set_shape([None, *images.shape[1:]])
+        if labels is None:
+            return out[0]
+        out[1].set_shape([None])
+        return out[0], out[1]
+
+    return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)

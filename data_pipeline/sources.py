@@ -1,7 +1,10 @@
-"""Dataset sources: IDX folder, Kaggle-style CSV folder, NPZ file, vendored default.
+"""Dataset sources: IDX folder, Kaggle-style CSV folder, NPZ file, vendored default,
+and image files (a class-per-folder tree or a CSV manifest: data_pipeline/folders.py).
 
-Every loader returns a validated `Dataset` of uint8 N×28×28 images and int32 labels
-0..K-1, or raises one `DataError` naming the file and the fault.
+Array sources load into a validated `Dataset` of uint8 N×28×28 images and int32 labels
+0..K-1. Image files load into a validated `ImageFiles` first (checked, not decoded);
+`Dataset.from_files` then serves their pixels from the image store. Every fault
+raises one `DataError` naming the file and the fault.
 """
 
 import dataclasses
@@ -16,7 +19,8 @@ import numpy as np
 from common.download import DownloadError, download
 from common.errors import DataError
 from common.paths import PROJECT_ROOT, keras_home
-from data_pipeline import validate
+from data_pipeline import folders, validate
+from data_pipeline.store import StoredImages
 
 VENDORED_DIR = PROJECT_ROOT / "data" / "fashion-mnist"
 FASHION_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
@@ -47,12 +51,16 @@ class Dataset:
     """A validated image-classification dataset.
 
     Attributes:
-        x_train, y_train, x_test, y_test: uint8 N×28×28 images and int32 labels.
+        x_train, y_train, x_test, y_test: uint8 images (N×28×28 arrays, or N×S×S×3
+            `StoredImages` for image files) and int32 labels.
         class_names: One name per class, index = label.
-        source: How it was found ("vendored", "idx", "csv", "npz", "keras-cache").
+        source: How it was found ("vendored", "idx", "csv", "npz", "keras-cache",
+            "folders", "manifest").
         path: The file or folder it was read from.
         checksum: sha256 over the source files, in a fixed order.
         checksum_status: "verified" (matches official sha256), or "computed" (no reference).
+        x_val, y_val: A validation split the data came with (else None: carved from train).
+        files: The `ImageFiles` of an image-file dataset (None for arrays).
     """
 
     x_train: np.ndarray
@@ -64,6 +72,21 @@ class Dataset:
     path: str
     checksum: str
     checksum_status: str
+    x_val: object = None
+    y_val: np.ndarray = None
+    files: folders.ImageFiles = None
+
+    @classmethod
+    def from_files(cls, files, store):
+        """The `Dataset` of validated image files whose pixels `store` holds (in `files.files` order)."""
+        def split(name):
+            rows = [i for i, f in enumerate(files.files) if f.split == name]
+            labels = np.array([files.files[i].label for i in rows], dtype=np.int32)
+            return (StoredImages(store, rows), labels) if rows else (None, None)
+
+        (x_train, y_train), (x_val, y_val), (x_test, y_test) = split("train"), split("val"), split("test")
+        return cls(x_train, y_train, x_test, y_test, files.class_names, files.source, str(files.root),
+                   files.checksum, "computed", x_val, y_val, files)
 
     @property
     def num_classes(self):
@@ -71,6 +94,8 @@ class Dataset:
 
     def summary(self):
         """A JSON-friendly description (no arrays)."""
+        if self.files is not None:
+            return self.files.summary()
         return {
             "source": self.source,
             "path": self.path,
@@ -86,35 +111,38 @@ class Dataset:
         }
 
 
-def load_dataset(path=None):
+def load_dataset(path=None, skip_bad_images=False):
     """Loads and validates a dataset.
 
     Args:
         path: A folder with the four IDX files, a folder with `*train*.csv` and
-            `*test*.csv`, an `.npz` file, or None for the vendored Fashion-MNIST.
+            `*test*.csv`, an `.npz` file, a folder of class folders (or train/ and
+            test/ of class folders), a CSV manifest of image files, or None for the
+            vendored Fashion-MNIST.
+        skip_bad_images: Image files only: leave bad files out (listed) instead of refusing.
 
     Returns:
-        A `Dataset`.
+        A `Dataset`, or `ImageFiles` for image files (`Dataset.from_files` serves their pixels).
     """
     if path is None:
         return _load_default()
     path = Path(path)
     if not path.exists():
         raise DataError(path, "no such file or folder")
+    if path.is_dir() and (_find_idx_files(path) or _find_csv_pair(path)):
+        return _load_idx(path, source="idx") if _find_idx_files(path) else _load_csv(path)
+    if folders.is_image_dataset(path):
+        return folders.scan(path, skip_bad=skip_bad_images)
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return _load_npz(path)
-        raise DataError(path, "unsupported file: give an .npz file or a folder of IDX or CSV files")
-    if _find_idx_files(path):
-        return _load_idx(path, source="idx")
-    if _find_csv_pair(path):
-        return _load_csv(path)
+        raise DataError(path, "unsupported file: give an .npz file, a CSV manifest, or a folder")
     missing = [stems[0] + "[.gz]" for stems in IDX_NAMES.values() if not _idx_file(path, stems)]
     if len(missing) < len(IDX_NAMES):
         raise DataError(path, f"incomplete IDX dataset: missing {', '.join(missing)}")
     raise DataError(
         path,
-        "no known dataset layout: expected the four IDX files "
+        "no known dataset layout: expected class folders of images, the four IDX files "
         "(train-images-idx3-ubyte[.gz], ...), one *train*.csv and one *test*.csv, or an .npz file",
     )
 

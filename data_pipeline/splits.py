@@ -15,7 +15,7 @@ class TrainingData:
     """The arrays a search or retrain trains and validates on (never the test split).
 
     Attributes:
-        x_train, y_train, x_val, y_val: uint8 N×28×28 images and int labels.
+        x_train, y_train, x_val, y_val: uint8 images (arrays or `StoredImages`) and int labels.
         num_classes: K.
         key: Identifies this exact data (checksum + split), for cache keys.
     """
@@ -53,22 +53,28 @@ def split_train_validation(labels, fraction=0.1, seed=0):
 
 
 def training_data(dataset, validation_fraction=0.1, seed=0, train_subset=None, val_subset=None):
-    """A stratified, seeded validation split carved from `dataset`'s training split.
+    """The training split and a validation split: the one the data came with, else a
+    stratified, seeded one carved from `dataset`'s training split.
 
     Args:
         dataset: A `Dataset`.
-        validation_fraction: Share of each class held out for validation.
+        validation_fraction: Share of each class held out for validation (when carved).
         seed: Seeds the split and the subsets.
         train_subset, val_subset: Keep only this many (stratified) images; None = all.
     """
-    train_idx, val_idx = split_train_validation(dataset.y_train, validation_fraction, seed)
+    if dataset.x_val is None:
+        train_idx, val_idx = split_train_validation(dataset.y_train, validation_fraction, seed)
+        x_val, y_val = dataset.x_train, dataset.y_train
+    else:
+        train_idx, val_idx = np.arange(len(dataset.y_train)), np.arange(len(dataset.y_val))
+        x_val, y_val = dataset.x_val, dataset.y_val
     train_idx = _stratified_subset(dataset.y_train, train_idx, train_subset, seed)
-    val_idx = _stratified_subset(dataset.y_train, val_idx, val_subset, seed + 1)
+    val_idx = _stratified_subset(y_val, val_idx, val_subset, seed + 1)
     return TrainingData(
         x_train=dataset.x_train[train_idx],
         y_train=dataset.y_train[train_idx],
-        x_val=dataset.x_train[val_idx],
-        y_val=dataset.y_train[val_idx],
+        x_val=x_val[val_idx],
+        y_val=y_val[val_idx],
         num_classes=dataset.num_classes,
         key=f"{dataset.checksum[:16]}-{validation_fraction}-{seed}-{train_subset}-{val_subset}",
     )

@@ -192,7 +192,7 @@ def dispatch(invocation):
 
     command, options = invocation.command, invocation.options
     if command == "data":
-        return jobs.show_data(options.get("data"))
+        return jobs.show_data(resolve_settings(options))
     if command == "predict":
         return jobs.predict(options["model"], options["inputs"], options.get("output"),
                             before_model=quiet_import_tensorflow)
@@ -208,7 +208,7 @@ def dispatch(invocation):
         return jobs.retrain(existing_run_dir(options), overrides)
     settings = resolve_settings(options)
     run = jobs.search if command == "search" else jobs.whole_job
-    return run(settings, explicit_backbones="backbones" in options)
+    return run(settings, explicit=tuple(options))
 
 
 def existing_run_dir(options):

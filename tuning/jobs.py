@@ -6,9 +6,12 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from common import atomic
 from common.errors import DataError, UsageError, UserError
-from data_pipeline import load_dataset
+from data_pipeline import Dataset, load_dataset
+from data_pipeline.folders import ImageFiles
 from data_pipeline.splits import training_data
 
 TOP_N = 5
@@ -35,10 +38,14 @@ def silence_library_warnings():
     tf.get_logger().setLevel("ERROR")
 
 
-def show_data(path):
+def show_data(settings):
     """`search.py data`: load, validate and summarise a dataset."""
-    summary = load_dataset(path).summary()
+    source = load_source(settings)
+    summary = source.summary()
     log(f"source:      {summary['source']} ({summary['path']})")
+    if isinstance(source, ImageFiles):
+        _show_image_files(summary, for_image_files(settings, source, explicit_resolutions=False))
+        return 0
     log(f"train/test:  {summary['train']} / {summary['test']} images (before the validation split)")
     log(f"image shape: {'x'.join(map(str, summary['image_shape']))} grayscale uint8")
     log(f"classes:     {summary['num_classes']}")
@@ -50,14 +57,83 @@ def show_data(path):
     return 0
 
 
-def _setup(settings):
-    """Loads the data (refusing bad input before anything is written) and sets the precision."""
-    dataset = load_dataset(settings.data)
+def _show_image_files(summary, settings):
+    splits = summary["per_split"]
+    log(f"images:      {summary['images']} ({', '.join(f'{n} {sum(c)}' for n, c in splits.items())})"
+        + ("" if "val" in splits else "; validation carved from train"))
+    width = max(len(n) for n in summary["class_names"])
+    log(f"classes:     {summary['num_classes']}")
+    for i, name in enumerate(summary["class_names"]):
+        log(f"  {i:>3} {name:<{width}}  " + "  ".join(f"{n} {c[i]:>6}" for n, c in splits.items()))
+    log(f"width:       min {summary['width'][0]}, median {summary['width'][1]}, max {summary['width'][2]} px")
+    log(f"height:      min {summary['height'][0]}, median {summary['height'][1]}, max {summary['height'][2]} px")
+    log(f"modes:       {', '.join(f'{m} {n}' for m, n in summary['modes'].items())}")
+    log(f"fed as:      RGB (grayscale repeated, transparency on white), padded to square, stored at "
+        f"{settings.storage_size} px; profile {settings.profile} searches "
+        f"{', '.join(map(str, settings.choices.resolutions))} px")
+    log(f"ignored:     {summary['ignored']} hidden or non-image files")
+    if summary["bad"]:
+        log(f"skipped:     {len(summary['bad'])} bad images (--skip-bad-images), e.g. {summary['bad'][0][0]}: "
+            f"{summary['bad'][0][1]}")
+    log(f"checksum:    {summary['checksum']} (content of every image)")
+
+
+def load_source(settings):
+    """The validated dataset: a `Dataset`, or `ImageFiles` checked but not decoded yet.
+
+    Bad input is refused here, before anything is written.
+    """
     if settings.mixed_precision:
         import keras
 
         keras.mixed_precision.set_global_policy("mixed_float16")
-    return dataset
+    return load_dataset(settings.data, skip_bad_images=settings.skip_bad_images)
+
+
+def for_image_files(settings, files, explicit_resolutions):
+    """`settings` adapted to image files' sizes: the resolutions searched and the storage size.
+
+    Without --resolutions, the profile's `file_resolutions` are searched, leaving out
+    those above twice the images' median shorter side (no small image blown up far
+    beyond its detail); if that leaves none, the largest resolution that passes. The
+    store keeps images at the largest searched resolution, or at the images' own size
+    (90th percentile of the longer side) when that is smaller.
+    """
+    from hypermodel.space import RESOLUTION_RANGE
+
+    shorter = np.median([min(f.width, f.height) for f in files.files])
+    longer = np.percentile([max(f.width, f.height) for f in files.files], 90)
+    resolutions = settings.choices.resolutions
+    if not explicit_resolutions:
+        cap = max(RESOLUTION_RANGE[0], int(2 * shorter) // 8 * 8)
+        resolutions = tuple(r for r in settings.file_resolutions if r <= cap) or (
+            min(cap, min(settings.file_resolutions)),)
+    storage = settings.storage_size or int(min(max(resolutions), max(RESOLUTION_RANGE[0], np.ceil(longer / 8) * 8)))
+    return dataclasses.replace(settings, storage_size=storage,
+                               choices=dataclasses.replace(settings.choices, resolutions=resolutions))
+
+
+def materialize(source, settings, run_dir):
+    """The `Dataset` of `source`: itself for arrays; image files decoded into the run's image store."""
+    if not isinstance(source, ImageFiles):
+        return source
+    from data_pipeline.store import open_or_build
+
+    store = open_or_build([f.path for f in source.files], source.checksum, settings.storage_size,
+                          Path(run_dir) / "image_store", settings.image_budget_mb, log=log)
+    return Dataset.from_files(source, store)
+
+
+def write_split_records(files, run_dir):
+    """splits.csv (path,label,split of every image used) and skipped_images.csv, for image files."""
+    import pandas as pd
+
+    rows = [{"path": f.name, "label": files.class_names[f.label], "split": f.split} for f in files.files]
+    atomic.write_text(Path(run_dir) / "splits.csv", pd.DataFrame(rows).to_csv(index=False))
+    if files.bad:
+        bad = pd.DataFrame([{"path": str(p), "fault": fault} for p, fault in files.bad])
+        atomic.write_text(Path(run_dir) / "skipped_images.csv", bad.to_csv(index=False))
+        log(f"skipped {len(files.bad)} bad images (--skip-bad-images): listed in {Path(run_dir) / 'skipped_images.csv'}")
 
 
 def search_data(dataset, settings):
@@ -96,19 +172,29 @@ def with_available_backbones(settings, explicit):
     return dataclasses.replace(settings, choices=dataclasses.replace(settings.choices, backbones=usable)), dropped
 
 
-def search(settings, explicit_backbones=False):
-    """`search.py search`: run or resume the search; print the top trials."""
+def search(settings, explicit=()):
+    """`search.py search`: run or resume the search; print the top trials.
+
+    Args:
+        explicit: Names of the settings the user gave (given backbones must have weights;
+            given resolutions are searched as given).
+    """
     from data_pipeline.feature_cache import FeatureCache
     from tuning.run_dir import prepare_run_dir
-    from tuning.tuner import SearchStopped, configure_distributed, run_search
+    from tuning.tuner import configure_distributed, run_search
 
-    dataset = _setup(settings)  # bad data is refused before anything else happens
-    settings, dropped = with_available_backbones(settings, explicit_backbones)
+    source = load_source(settings)  # bad data is refused before anything else happens
+    if isinstance(source, ImageFiles):
+        settings = for_image_files(settings, source, "resolutions" in explicit)
+    settings, dropped = with_available_backbones(settings, "backbones" in explicit)
     worker = "local"
     if settings.distributed:
         worker = configure_distributed(settings.distributed, settings.oracle, settings.worker_id)
+    run_dir = prepare_run_dir(settings, source, dropped)
+    dataset = materialize(source, settings, run_dir)
+    if dataset.files is not None:
+        write_split_records(dataset.files, run_dir)
     data = search_data(dataset, settings)
-    run_dir = prepare_run_dir(settings, dataset, dropped)
     log(f"run dir: {run_dir}")
     log(f"watch it: python search.py tensorboard --run-dir {run_dir}   "
         f"(or: tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1)")
@@ -159,11 +245,12 @@ def _reopen(run_dir, overrides=None):
 
     record = read_config(run_dir)
     settings = Settings.from_dict({**record["settings"], **(overrides or {})})
-    dataset = _setup(settings)
-    if dataset.checksum != record["data"]["checksum"]:
+    source = load_source(settings)
+    if source.checksum != record["data"]["checksum"]:
         raise UsageError(f"the data at {settings.data or 'data/fashion-mnist'} changed since {run_dir} was searched")
     if overrides:
         atomic.write_json(Path(run_dir) / CONFIG_FILE, {**record, "settings": settings.to_dict()})
+    dataset = materialize(source, settings, run_dir)
     # The final model trains on the whole training split (the search may have used a subset).
     data = training_data(dataset, settings.validation_fraction, settings.seed, settings.retrain_subset)
     return settings, dataset, data
@@ -205,9 +292,9 @@ def export(run_dir):
     from tuning.export import export as export_model
 
     _check_run(run_dir)
-    _, dataset, _ = _reopen(run_dir)
+    settings, dataset, _ = _reopen(run_dir)
     started = time.time()
-    export_model(run_dir, dataset, log=log)
+    export_model(run_dir, settings, dataset, log=log)
     _record_stage(run_dir, "export", time.time() - started)
     return 0
 
@@ -239,10 +326,10 @@ def tensorboard(run_dir, host, port):
     return 0
 
 
-def whole_job(settings, explicit_backbones=False):
+def whole_job(settings, explicit=()):
     """`search.py`: search → retrain → export → report into one run dir."""
     started = time.time()
-    search(settings, explicit_backbones)
+    search(settings, explicit)
     if settings.distributed == "worker":
         return 0  # the chief retrains and exports, once
     run_dir = Path(settings.run_dir)

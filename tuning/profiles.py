@@ -25,6 +25,7 @@ PROFILES = {
             lr_schedules=("constant", "cosine"),
             warmup_epochs=(0,),
         ),
+        file_resolutions=(64,),
         max_epochs=2,
         factor=2,
         train_subset=2000,
@@ -50,6 +51,7 @@ PROFILES = {
             # epoch trials it lowers accuracy, so the search would never pick it.
             augmentations=("none",),
         ),
+        file_resolutions=(96, 128),
         max_epochs=3,
         factor=3,
         hyperband_iterations=3,  # more brackets than the budget allows: the budget ends it
@@ -73,6 +75,7 @@ PROFILES = {
         ),
         # Offline, none of those has weights: search the shipped ones at GPU sizes instead.
         fallback_backbones=("mobilenet_v2_0.5", "mobilenet_v2_0.35"),
+        file_resolutions=(160, 224),
         max_epochs=12,
         factor=3,
         batch_size=128,

@@ -134,7 +134,13 @@ SETTINGS = (
     Setting("verbose", 0, "Keras progress bars (repeat for more)", "-v", parse="count",
             commands=SEARCHING | {"retrain"}, resumable=True),
     Setting("profile", None, "smoke, cpu or gpu (default: gpu if a GPU is visible, else cpu)", "--profile",
-            choices=("smoke", "cpu", "gpu"), example="smoke"),
+            choices=("smoke", "cpu", "gpu"), commands=SEARCHING | {"data"}, example="smoke"),
+    Setting("skip_bad_images", False, "image folders: leave unreadable images out (listed in the run dir) "
+            "instead of refusing the dataset", "--skip-bad-images", parse="store_true",
+            commands=SEARCHING | {"data"}),
+    Setting("image_budget_mb", 1024, "image folders: RAM for decoded images; beyond it they are read "
+            "from the run dir's image store per batch", "--image-budget", positive_int, resumable=True,
+            commands=SEARCHING | {"retrain"}, example="256"),
     Setting("overwrite", False, "start afresh in an existing --run-dir (deletes it)", "--overwrite",
             parse="store_true", resumable=True),
     Setting("offline", False, "never download weights: use weights/ and the Keras cache only", "--offline",
@@ -153,6 +159,10 @@ SETTINGS = (
     Setting("learning_rate", SearchChoices.learning_rate, "MIN,MAX of the log-uniform learning-rate range",
             "--learning-rate", float_range, in_choices=True, example="1e-4,1e-3"),
     Setting("choices", SearchChoices(), "the whole search space (profiles set it; flags above override fields)"),
+    Setting("file_resolutions", (96, 128), "resolutions searched on image files (unless --resolutions), "
+            "those above twice the images' median shorter side left out"),
+    Setting("storage_size", None, "image files: side of the decoded store (None = from the resolutions "
+            "and the images' sizes)"),
     # How the search runs.
     Setting("tuner", "hyperband", "search algorithm", "--tuner", choices=("hyperband", "random", "bayesian"),
             example="random"),
