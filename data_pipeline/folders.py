@@ -175,6 +175,7 @@ def check_image(path):
     path = Path(path)
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
+    kind = path.suffix.lstrip(".").upper()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -197,7 +198,7 @@ def check_image(path):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(path, f"decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(path, f"corrupt {path.suffix.lstrip('.').upper()} image ({e})") from None
+        raise DataError(path, f"corrupt {kind} image ({e})") from None
     return width, height, mode
 
 

@@ -1,5 +1,11 @@
 """`search.py predict`: classify images with an exported SavedModel (no project code needed
-by the model itself; this is just a convenient client)."""
+by the model itself; this is just a convenient client).
+
+Models exported from image files take `image_bytes`: any PNG/JPEG/BMP/GIF file, or a
+folder of them, is sent as its bytes. Models exported from 28×28 arrays take `images`:
+image files are converted to grayscale 28×28, and IDX/CSV/NPY files of such arrays
+are read as they are. Every input is checked before the model is loaded.
+"""
 
 import csv
 import io
@@ -8,54 +14,54 @@ from pathlib import Path
 import numpy as np
 
 from common import atomic
-from data_pipeline import validate
 from common.errors import DataError
+from data_pipeline import validate
+from data_pipeline.folders import IMAGE_SUFFIXES, check_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARRAY_SUFFIXES = (".npy", ".csv")
 
 
-def load_inputs(paths):
-    """Reads every input into (names, uint8 N×28×28), refusing bad files before any work."""
-    names, batches = [], []
+def expand_inputs(paths):
+    """Files as given, folders as their image files (recursively, sorted; hidden ones skipped)."""
+    files = []
     for path in map(Path, paths):
-        images = read_images(path)
-        batches.append(images)
-        names += [str(path)] if len(images) == 1 and path.suffix.lower() in IMAGE_SUFFIXES else [
-            f"{path}[{i}]" for i in range(len(images))
-        ]
-    return names, np.concatenate(batches)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(path, "folder has no PNG, JPEG, BMP or GIF images")
+            files += found
+        elif not path.is_file():
+            raise DataError(path, "file not found")
+        else:
+            files.append(path)
+    return files
 
 
-def read_images(path):
-    """One input file → uint8 N×28×28.
+def check_inputs(files):
+    """Checks every input file before any model is loaded."""
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            check_image(path)
+        elif suffix in ARRAY_SUFFIXES or "idx3" in path.name:
+            read_arrays(path)
+        else:
+            raise DataError(path, f"unsupported input type '{suffix}': use PNG, JPEG, BMP, GIF, NPY, CSV or an idx3 file")
 
-    PNG/JPEG: converted to grayscale and resized to 28×28 (Fashion-MNIST images are
-    light objects on a black background). IDX (.gz or raw): an idx3 image file.
-    CSV: rows of 784 pixels, with an optional `label` column. NPY: N×28×28 / N×784.
-    """
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        from PIL import Image, UnidentifiedImageError
 
-        try:
-            with Image.open(path) as image:
-                gray = image.convert("L").resize((28, 28), Image.BILINEAR)
-                return np.asarray(gray, dtype=np.uint8)[np.newaxis]
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(path, f"not a readable {suffix[1:].upper()} image ({e})") from None
-    if suffix == ".npy":
+def read_arrays(path):
+    """An array input → uint8 N×28×28: NPY (N×28×28 / N×784 / 28×28), CSV rows of 784
+    pixels (optional `label` column), or an idx3 image file."""
+    if path.suffix.lower() == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise DataError(path, f"not a valid .npy file ({e})") from None
         return validate.as_images(array[np.newaxis] if array.shape == (28, 28) else array, path)
-    if suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         return _read_csv_images(path)
-    if "idx3" in path.name:
-        return validate.parse_idx(path, expect_images=True)
-    raise DataError(path, f"unsupported input type '{suffix}': use PNG, JPEG, NPY, CSV or an idx3 file")
+    return validate.parse_idx(path, expect_images=True)
 
 
 def _read_csv_images(path):
@@ -75,8 +81,16 @@ def _read_csv_images(path):
     return validate.as_images(values, path)
 
 
+def as_gray_28(path):
+    """An image file → uint8 1×28×28 (Fashion-MNIST style: for models trained on such arrays)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L").resize((28, 28), Image.BILINEAR), dtype=np.uint8)[np.newaxis]
+
+
 def load_serving(model_dir):
-    """The exported `serving_default` signature, after checking it is one of ours."""
+    """The exported `serving_default` signature and its input name, after checking it is one of ours."""
     import tensorflow as tf
 
     model_dir = Path(model_dir)
@@ -86,27 +100,49 @@ def load_serving(model_dir):
         serve = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
     except (KeyError, OSError, ValueError) as e:
         raise DataError(model_dir, f"unreadable SavedModel ({e})") from None
-    spec = serve.structured_input_signature[1].get("images")
-    if spec is None or spec.dtype != tf.uint8:
-        raise DataError(model_dir, "serving_default does not take uint8 `images`: not exported by this tool")
-    return serve
+    inputs = serve.structured_input_signature[1]
+    if "image_bytes" in inputs and inputs["image_bytes"].dtype == tf.string:
+        return serve, "image_bytes"
+    if "images" in inputs and inputs["images"].dtype == tf.uint8:
+        return serve, "images"
+    raise DataError(model_dir, "serving_default takes neither `images` nor `image_bytes`: not exported by this tool")
+
+
+def model_batches(files, input_name):
+    """(names, inputs) per file for the model's input kind."""
+    for path in files:
+        if input_name == "image_bytes":
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(path, "this model was trained on image files: give PNG, JPEG, BMP or GIF files")
+            yield [str(path)], np.array([path.read_bytes()], dtype=object)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            yield [str(path)], as_gray_28(path)
+        else:
+            images = read_arrays(path)
+            yield [f"{path}[{i}]" for i in range(len(images))], images
 
 
 def predict(model_dir, paths, output=None, log=print, before_model=None):
     """Prints (and optionally writes) input, class name and confidence for every image.
 
     Args:
-        before_model: Called after the inputs are validated, before TensorFlow loads.
+        before_model: Called after the inputs are checked, before TensorFlow loads.
     """
-    names, images = load_inputs(paths)
+    files = expand_inputs(paths)
+    check_inputs(files)
     if before_model is not None:
         before_model()
     import tensorflow as tf
 
-    serve = load_serving(model_dir)
+    serve, input_name = load_serving(model_dir)
+    names, inputs = [], []
+    for batch_names, batch in model_batches(files, input_name):
+        names += batch_names
+        inputs.append(batch)
+    inputs = np.concatenate(inputs)
     rows = []
-    for start in range(0, len(images), 256):
-        out = serve(images=tf.constant(images[start : start + 256]))
+    for start in range(0, len(inputs), 256):
+        out = serve(**{input_name: tf.constant(inputs[start : start + 256])})
         for i, (name, confidence) in enumerate(
             zip(out["class_name"].numpy(), out["probabilities"].numpy().max(axis=1))
         ):

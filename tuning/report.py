@@ -31,14 +31,24 @@ def write_report(run_dir, log=print):
     if metrics:
         lines += [f"**Test accuracy: {metrics['test_accuracy']:.4f}** on {metrics['test_images']} test images "
                   f"(evaluated once, after retraining). Exported model: `{run_dir / 'export'}`.", ""]
-    lines += ["## Data", "",
-              f"- Source: {data.get('source')} (`{data.get('path')}`), checksum {data.get('checksum_status')} "
-              f"`{str(data.get('checksum'))[:16]}…`",
-              f"- {data.get('train')} training / {data.get('test')} test images, "
-              f"{data.get('num_classes')} classes: {', '.join(data.get('class_names', []))}",
-              f"- Validation: {settings.get('validation_fraction')} of train, stratified, seed {settings.get('seed')}; "
-              f"search used {settings.get('train_subset') or 'all'} training and {settings.get('val_subset') or 'all'} "
-              "validation images", ""]
+    image_files = "per_split" in data
+    lines += ["## Data", "", f"- Source: {data.get('source')} (`{data.get('path')}`), checksum "
+              f"`{str(data.get('checksum'))[:16]}…`"]
+    if image_files:
+        lines += [f"- {data['images']} images (" + ", ".join(f"{n} {sum(c)}" for n, c in data["per_split"].items())
+                  + f"), {data['num_classes']} classes: {', '.join(data['class_names'])}; every image's split in "
+                  "`splits.csv`",
+                  f"- Sizes {data['width'][0]}–{data['width'][2]} × {data['height'][0]}–{data['height'][2]} px "
+                  f"(median {data['width'][1]} × {data['height'][1]}); modes "
+                  + ", ".join(f"{m} {n}" for m, n in data["modes"].items())
+                  + f"; fed as RGB padded to square, stored at {settings.get('storage_size')} px"]
+    else:
+        lines += [f"- {data.get('train')} training / {data.get('test')} test images, "
+                  f"{data.get('num_classes')} classes: {', '.join(data.get('class_names', []))}"]
+    lines += [f"- Validation: " + ("as given" if "val" in data.get("per_split", {}) else
+                                   f"{settings.get('validation_fraction')} of train, stratified, seed {settings.get('seed')}")
+              + f"; search used {settings.get('train_subset') or 'all'} training and "
+              f"{settings.get('val_subset') or 'all'} validation images", ""]
     lines += ["## Search", "",
               f"Profile `{settings.get('profile')}`, tuner `{settings.get('tuner')}` (max_epochs "
               f"{settings.get('max_epochs')}, factor {settings.get('factor')}), {len(board)} trials, "
@@ -69,6 +79,8 @@ def write_report(run_dir, log=print):
                              f"best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s")
         lines += ["", "![learning curves](learning_curves.png)", "",
                   "## Test evaluation", "", "![confusion matrix](confusion_matrix.png)", ""]
+        if (run_dir / "misclassified.png").exists():
+            lines += ["Misclassified test images (true → predicted):", "", "![misclassified](misclassified.png)", ""]
         per_class = pd.DataFrame(metrics["per_class"]).T.reset_index(names="class")
         lines += [markdown_table(per_class, ["class", "precision", "recall", "f1", "support"]), ""]
         tta = metrics.get("tta")
@@ -81,10 +93,12 @@ def write_report(run_dir, log=print):
                       f"same classes: {export['same_classes']}.", ""]
     if timings:
         lines += ["## Wall time", "", markdown_table(pd.DataFrame([timings]), list(timings)), ""]
+    takes = ("`image_bytes`, string `[batch]` of encoded PNG/JPEG/BMP/GIF files (base64 in TF Serving's REST API)"
+             if image_files else "`images`, uint8 `[batch, 28, 28]` raw pixels")
     lines += ["## Serving the model", "",
-              "`export/` is a TensorFlow SavedModel. Its `serving_default` signature takes `images`, uint8 "
-              "`[batch, 28, 28]` raw pixels, and returns `probabilities`, `class_id` and `class_name`; resizing and "
-              "preprocessing happen inside.", "", "```bash",
+              f"`export/` is a TensorFlow SavedModel. Its `serving_default` signature takes {takes}, and returns "
+              "`probabilities`, `class_id` and `class_name`; decoding, resizing and preprocessing happen inside.",
+              "", "```bash",
               f"saved_model_cli show --dir {run_dir / 'export'} --all",
               f"python search.py predict --model {run_dir / 'export'} image.png",
               f"docker run -p 8501:8501 -v $PWD/{run_dir / 'export'}:/models/fashion/1 -e MODEL_NAME=fashion tensorflow/serving",
@@ -162,3 +176,26 @@ def save_figure(fig, path):
 
 def _read(path):
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def plot_misclassified(images, truth, predicted, class_names, path, most=25):
+    """A grid of up to `most` misclassified images captioned "true → predicted"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrong = np.flatnonzero(truth != predicted)[:most]
+    if len(wrong) == 0:
+        return False
+    columns = min(5, len(wrong))
+    rows = -(-len(wrong) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), wrong):
+        image = np.asarray(images[int(i)])
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        ax.set_title(f"{class_names[truth[i]]} →\n{class_names[predicted[i]]}", fontsize=8)
+    save_figure(fig, path)
+    return True

@@ -130,9 +130,12 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
     log(f"  flip TTA: validation accuracy {tta['val_accuracy_plain']:.4f} plain, {tta['val_accuracy_flip']:.4f} "
         f"flip-averaged: {'used' if tta['used'] else 'not used'}")
     metrics = evaluate_test(model, config, dataset, settings.batch_size, tta=tta["used"])
+    predicted = np.array(metrics.pop("predicted"))
     metrics.update(histories, tta=tta, trial_id=best["trial_id"], hyperparameters=config.to_dict())
     atomic.write_json(run_dir / "metrics.json", metrics)
     report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), dataset.class_names, run_dir / "confusion_matrix.png")
+    report.plot_misclassified(dataset.x_test, dataset.y_test, predicted, dataset.class_names,
+                              run_dir / "misclassified.png")
     log(f"test accuracy: {metrics['test_accuracy']:.4f} ({len(dataset.y_test)} test images)")
     return metrics
 
@@ -180,6 +183,9 @@ def evaluate_test(model, config, dataset, batch_size=128, tta=False):
 
     Args:
         tta: Average the predictions of each image and its horizontal flip.
+
+    Returns:
+        The metrics, and `predicted`: the class predicted for each test image.
     """
     backbone = get_backbone(config.backbone)
     ds = make_dataset(dataset.x_test, None, config.resolution, backbone.preprocess_input, batch_size)
@@ -205,4 +211,5 @@ def evaluate_test(model, config, dataset, batch_size=128, tta=False):
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
         "class_names": list(dataset.class_names),
+        "predicted": predicted.tolist(),
     }

@@ -1,0 +1,217 @@
+"""Image-file datasets end to end: folders and manifests in, a SavedModel taking image bytes out;
+every malformed tree refused before any work."""
+
+import json
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from cli import run_cli
+from data_pipeline.folders import scan
+from image_folders import CLASSES, sample_photos, write_dataset
+
+
+@pytest.fixture(scope="module")
+def folder_job(tmp_path_factory):
+    """The smoke profile's whole job on a class-per-folder tree of mixed sizes, modes and
+    formats, with matplotlib's real photos among the images."""
+    root = write_dataset(tmp_path_factory.mktemp("data") / "shapes", per_class=36, seed=3)
+    for i, photo in enumerate(sample_photos()):
+        shutil.copy(photo, root / CLASSES[i % len(CLASSES)] / f"real_{photo.name}")
+    run_dir = tmp_path_factory.mktemp("run") / "r"
+    result = run_cli("--profile", "smoke", "--data", root, "--run-dir", run_dir, "--unfrozen-blocks", "0,2",
+                     "--time-budget", "60s", "--retrain-subset", "0", timeout=900)
+    return root, run_dir, result
+
+
+def test_whole_job_on_an_image_folder(folder_job):
+    root, run_dir, result = folder_job
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    splits = pd.read_csv(run_dir / "splits.csv")
+    test = splits[splits["split"] == "test"]
+    assert len(splits) == 3 * 36 + len(sample_photos())
+    assert set(splits["split"]) == {"train", "test"} and set(splits["label"]) == set(CLASSES)
+    assert metrics["test_images"] == len(test)
+    majority = test["label"].value_counts().max() / len(test)
+    assert metrics["test_accuracy"] > majority + 0.1, (metrics["test_accuracy"], majority)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["settings"]["choices"]["resolutions"] == [64]  # the smoke profile's, as the images allow
+    assert (run_dir / "misclassified.png").is_file() or metrics["test_accuracy"] == 1.0
+    assert "misclassified" in (run_dir / "report.md").read_text() or metrics["test_accuracy"] == 1.0
+
+
+def test_the_export_scores_the_raw_test_files_as_metrics_json(folder_job):
+    root, run_dir, _ = folder_job
+    splits = pd.read_csv(run_dir / "splits.csv")
+    test = splits[splits["split"] == "test"]
+    serve = tf.saved_model.load(str(run_dir / "export")).signatures["serving_default"]
+    assert list(serve.structured_input_signature[1]) == ["image_bytes"]
+    encoded = tf.constant([(root / path).read_bytes() for path in test["path"]])
+    predicted = [name.decode() for name in serve(image_bytes=encoded)["class_name"].numpy()]
+    accuracy = np.mean(np.array(predicted) == test["label"].to_numpy())
+    recorded = json.loads((run_dir / "metrics.json").read_text())["test_accuracy"]
+    assert abs(accuracy - recorded) <= 0.005
+
+
+def test_predict_on_a_folder_and_files_of_any_size(folder_job, tmp_path):
+    root, run_dir, _ = folder_job
+    big = tmp_path / "big.jpg"
+    Image.open(sample_photos()[1]).convert("RGB").resize((900, 700)).save(big)
+    output = tmp_path / "predictions.csv"
+    result = run_cli("predict", "--model", run_dir / "export", root / "circle", big, "--output", output)
+    assert result.returncode == 0, result.stderr
+    rows = pd.read_csv(output)
+    assert len(rows) == len(list((root / "circle").iterdir())) + 1
+    assert set(rows["class_name"]) <= set(CLASSES)
+    assert rows["confidence"].between(0, 1).all()
+    assert len(result.stdout.strip().splitlines()) == len(rows)
+
+
+def test_a_resumed_run_reuses_the_image_store(folder_job):
+    root, run_dir, _ = folder_job
+    store = list((run_dir / "image_store").glob("*.u8"))
+    assert len(store) == 1
+    before = store[0].stat().st_mtime_ns
+    result = run_cli("export", "--run-dir", run_dir)
+    assert result.returncode == 0, result.stderr
+    assert "image store: reusing" in result.stdout
+    assert store[0].stat().st_mtime_ns == before
+
+
+def test_given_train_val_test_splits_are_used_as_given(tmp_path):
+    root = write_dataset(tmp_path / "d", per_class=9, layout="splits")
+    files = scan(root)
+    counts = {split: len(files.split(split)) for split in ("train", "val", "test")}
+    assert counts == {"train": 27, "val": 9, "test": 9}
+    assert all(f.split == f.name.split("/")[0] for f in files.files)
+
+
+def test_a_manifest_with_relative_and_absolute_paths(tmp_path):
+    root = write_dataset(tmp_path / "d", per_class=6)
+    rows = []
+    for i, path in enumerate(sorted(root.rglob("*.*"))):
+        name = str(path) if i % 2 else path.relative_to(root).as_posix()
+        rows.append({"path": name, "label": path.parent.name, "split": "test" if i % 3 == 0 else "train"})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    files = scan(root / "manifest.csv")
+    assert files.class_names == CLASSES and len(files.files) == 18
+    assert [f.split for f in files.files] == [r["split"] for r in rows]
+
+
+def png_bytes(width, height):
+    """A valid PNG header (IHDR) claiming `width`×`height`, then IEND: no pixel data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def broken_crc(path):
+    data = bytearray(path.read_bytes())
+    idat = data.index(b"IDAT")
+    data[idat + 8] ^= 0xFF  # a byte of compressed pixels: the chunk's CRC no longer matches
+    return bytes(data)
+
+
+def truncated(path):
+    data = path.read_bytes()
+    return data[: len(data) // 2]
+
+
+MALFORMED = {
+    "truncated JPEG": (lambda r: (r / "circle" / "bad.jpg", truncated(r / "circle" / "circle_001.jpg")), "bad.jpg", "corrupt JPEG"),
+    "zero-byte file": (lambda r: (r / "square" / "empty.png", b""), "empty.png", "file is empty"),
+    "text named .png": (lambda r: (r / "square" / "notes.png", b"just some text\n"), "notes.png", "not an image"),
+    "PNG with a broken CRC": (lambda r: (r / "triangle" / "crc.png", broken_crc(next((r / "triangle").glob("*.png")))),
+                              "crc.png", "corrupt PNG"),
+    "decompression bomb": (lambda r: (r / "circle" / "bomb.png", png_bytes(60000, 60000)), "bomb.png",
+                           "decompression bomb"),
+    "image outside class folders": (lambda r: (r / "stray.jpg", (r / "circle" / "circle_001.jpg").read_bytes()),
+                                    "stray.jpg", "outside any class folder"),
+}
+
+
+@pytest.fixture
+def good_tree(tmp_path):
+    return write_dataset(tmp_path / "data", per_class=6)
+
+
+def refused(data, tmp_path, *extra):
+    run_dir = tmp_path / "run"
+    result = run_cli("search", "--profile", "smoke", "--data", data, "--run-dir", run_dir, *extra)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_image_is_refused_naming_it(good_tree, tmp_path, case):
+    make, name, fault = MALFORMED[case]
+    path, content = make(good_tree)
+    path.write_bytes(content)
+    line = refused(good_tree, tmp_path)
+    assert name in line and fault in line, line
+
+
+def test_skip_bad_images_leaves_them_out_and_lists_them(good_tree, tmp_path):
+    (good_tree / "circle" / "empty.png").write_bytes(b"")
+    (good_tree / "square" / "notes.png").write_bytes(b"text")
+    result = run_cli("data", "--profile", "smoke", "--data", good_tree, "--skip-bad-images")
+    assert result.returncode == 0, result.stderr
+    assert "skipped:     2 bad images" in result.stdout
+    files = scan(good_tree, skip_bad=True)
+    assert {p.name for p, _ in files.bad} == {"empty.png", "notes.png"} and len(files.files) == 18
+
+
+@pytest.mark.parametrize("case, fault", [
+    ("one class", "1 class"),
+    ("empty class folder", "class folder has no images"),
+    ("different class sets", "differ from train/"),
+])
+def test_a_malformed_tree_is_refused(tmp_path, case, fault):
+    if case == "one class":
+        root = write_dataset(tmp_path / "data", per_class=4)
+        for kind in CLASSES[1:]:
+            shutil.rmtree(root / kind)
+    elif case == "empty class folder":
+        root = write_dataset(tmp_path / "data", per_class=4)
+        (root / "hexagon").mkdir()
+        (root / "hexagon" / "README.txt").write_text("none yet")
+    else:
+        root = write_dataset(tmp_path / "data", per_class=6, layout="splits")
+        (root / "test" / "circle").rename(root / "test" / "oval")
+    assert fault in refused(root, tmp_path)
+
+
+@pytest.mark.parametrize("row, fault", [
+    ({"path": "circle/missing.png", "label": "circle"}, "line 4: circle/missing.png: file not found"),
+    ({"path": "circle/circle_000.png", "label": ""}, "line 4: empty label"),
+])
+def test_a_bad_manifest_row_is_refused(good_tree, tmp_path, row, fault):
+    rows = [{"path": "circle/circle_001.jpg", "label": "circle"}, {"path": "square/square_000.png", "label": "square"},
+            row]
+    pd.DataFrame(rows).to_csv(good_tree / "manifest.csv", index=False)
+    line = refused(good_tree / "manifest.csv", tmp_path)
+    assert "manifest.csv" in line and fault in line, line
+
+
+def test_data_summary_of_an_image_folder(good_tree):
+    (good_tree / ".DS_Store").write_bytes(b"\0")
+    (good_tree / "circle" / "notes.txt").write_text("not an image")
+    result = run_cli("data", "--profile", "cpu", "--data", good_tree)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "images:      18 (train 15, test 3)" in out
+    assert "ignored:     2 hidden or non-image files" in out
+    assert "modes:" in out and "RGBA" in out and " L " in out
+    assert "fed as:      RGB" in out and "searches 96 px" in out  # 128 px > 2 × the median shorter side
