@@ -71,7 +71,7 @@ PROFILES = {
             resolutions=(96, 160, 224),
             unfrozen_blocks=(0, 4, 10),
             poolings=("avg", "flatten"),
-            augmentations=("none", "flip_shift", "flip_shift_erase"),
+            augmentations=("none", "shift", "flip_shift", "flip_shift_erase"),
         ),
         # Offline, none of those has weights: search the shipped ones at GPU sizes instead.
         fallback_backbones=("mobilenet_v2_0.5", "mobilenet_v2_0.35"),
