@@ -10,10 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def user_environment():
+    """This environment as a user's shell would have it (no TF_CPP_MIN_LOG_LEVEL: the
+    tool picks its own), with Python's output unbuffered."""
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    environment["PYTHONUNBUFFERED"] = "1"
+    return environment
+
+
 def run_cli(*args, timeout=600, cwd=ROOT, env=None):
     """Returns the CompletedProcess of `python search.py ARGS` (text mode)."""
-    environment = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    environment.update(env or {})
+    environment = {**user_environment(), **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "search.py"), *map(str, args)],
         cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
@@ -22,7 +29,7 @@ def run_cli(*args, timeout=600, cwd=ROOT, env=None):
 
 def start_cli(*args):
     """Starts `python search.py ARGS` in its own process group (to SIGKILL it whole)."""
-    environment = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    environment = user_environment()
     return subprocess.Popen(
         [sys.executable, str(ROOT / "search.py"), *map(str, args)], cwd=ROOT, env=environment,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -46,3 +53,14 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_user_error(result, *words):
+    """Exit 2, exactly one non-blank line on stderr naming the fault (every word in it),
+    and no traceback anywhere."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], lines[0]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cli import ROOT, run_cli
+from cli import ROOT, assert_user_error, run_cli
 from common.errors import UsageError
 from hypermodel.space import SearchChoices
 from tuning.cli import COMMANDS, options_of, parse, resolve_settings
@@ -130,9 +130,7 @@ def test_an_option_the_command_does_not_take_is_refused(argv, named):
 
 def test_refusal_through_the_real_cli_is_one_line_and_exit_2(tmp_path):
     result = run_cli("retrain", "--run-dir", tmp_path / "r", "--batch-size", "32")
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--batch-size" in lines[0], result.stderr
+    assert_user_error(result, "--batch-size")
     assert not (tmp_path / "r").exists()
 
 

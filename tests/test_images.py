@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cli import run_cli
+from cli import assert_user_error, run_cli
 from data_pipeline.folders import scan
 from image_folders import CLASSES, sample_photos, write_dataset
 
@@ -144,14 +144,12 @@ def good_tree(tmp_path):
 
 
 def refused(data, tmp_path, *extra):
+    """The error line of a search refusing `data` before writing anything."""
     run_dir = tmp_path / "run"
     result = run_cli("search", "--profile", "smoke", "--data", data, "--run-dir", run_dir, *extra)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
+    assert_user_error(result, "error: ")
     assert not run_dir.exists()
-    return lines[0]
+    return result.stderr.strip()
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))

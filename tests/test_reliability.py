@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,10 +13,11 @@ import pandas as pd
 import pytest
 
 from cli import ROOT, free_port, run_cli, start_cli, wait_for
-from data_pipeline import atomic
+from common import atomic
 from data_pipeline.feature_cache import FeatureCache
+from hypermodel.backbones import get_backbone
+from hypermodel.model import PREFIX_NAME, build_transfer_model
 from hypermodel.space import SearchChoices, TrialConfig
-from hypermodel.transfer import PREFIX_NAME, build_transfer_model
 
 
 def leaderboard(run_dir):
@@ -25,8 +25,11 @@ def leaderboard(run_dir):
     return pd.read_csv(path, dtype={"trial_id": str}) if path.exists() else pd.DataFrame()
 
 
-def test_sigkill_mid_search_then_rerun_finishes_keeping_finished_trials(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """A smoke search SIGKILLed after two trials, then rerun to the end (also the run the
+    TensorBoard test serves)."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
     command = ("search", "--profile", "smoke", "--run-dir", run_dir, "--time-budget", "0")
     process = start_cli(*command)
     try:
@@ -35,7 +38,11 @@ def test_sigkill_mid_search_then_rerun_finishes_keeping_finished_trials(tmp_path
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     before = leaderboard(run_dir)
-    result = run_cli(*command)
+    return run_dir, before, run_cli(*command)
+
+
+def test_sigkill_mid_search_then_rerun_finishes_keeping_finished_trials(killed_and_resumed):
+    run_dir, before, result = killed_and_resumed
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     after = leaderboard(run_dir)
     assert after["trial_id"].is_unique
@@ -52,7 +59,7 @@ def test_sigkill_mid_search_then_rerun_finishes_keeping_finished_trials(tmp_path
 
 WRITER = """
 import sys
-from data_pipeline import atomic
+from common import atomic
 payload = sys.argv[2].encode() * 8_000_000
 print("writing", flush=True)
 while True:
@@ -107,12 +114,18 @@ def test_a_corrupt_cache_file_is_detected_and_rebuilt(tmp_path):
     images = load_dataset().x_train[:64]
     config = TrialConfig("mobilenet_v2_0.35", 32, 0, "avg", 64, 0.0, 1e-3, "constant", 0, "adam", "none")
     prefix = build_transfer_model(config, 10).get_layer(PREFIX_NAME)
+    preprocess_input = get_backbone(config.backbone).preprocess_input
     messages = []
-    first = FeatureCache(tmp_path, log=messages.append).features(prefix, config, images, "slice/train")
+
+    def features(cache):
+        return cache.features(prefix, images, source=config.backbone, resolution=config.resolution,
+                              preprocess_input=preprocess_input, data_key="slice/train")
+
+    first = features(FeatureCache(tmp_path, log=messages.append))
     (path,) = tmp_path.glob("*.npy")
     path.write_bytes(path.read_bytes()[:-100])  # truncated, as by a crash mid-copy
     cache = FeatureCache(tmp_path, log=messages.append)
-    again = cache.features(prefix, config, images, "slice/train")
+    again = features(cache)
     assert cache.builds == 1 and any("unusable" in m for m in messages)
     np.testing.assert_array_equal(first, again)
     # Same size, flipped bytes: caught by the sha256.
@@ -120,41 +133,67 @@ def test_a_corrupt_cache_file_is_detected_and_rebuilt(tmp_path):
     raw[-10:] = bytes(b ^ 0xFF for b in raw[-10:])
     path.write_bytes(bytes(raw))
     cache = FeatureCache(tmp_path, log=messages.append)
-    cache.features(prefix, config, images, "slice/train")
+    features(cache)
     assert cache.builds == 1
 
 
-def non_loopback_address():
+def hparams_api(port, route, body):
+    """POSTs a JSON request to TensorBoard's HParams plugin (what its dashboard does)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/data/plugin/hparams/{route}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def listening_sockets(pid):
+    """(ip, port) of every listening TCP socket of a process and its children."""
     import psutil
 
-    for addresses in psutil.net_if_addrs().values():
-        for a in addresses:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                return a.address
-    return None
+    process = psutil.Process(pid)
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for p in (process, *process.children(recursive=True))
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    }
 
 
-def test_tensorboard_serves_hparams_on_loopback_only(tmp_path):
-    run_dir = tmp_path / "run"
-    (run_dir / "tensorboard").mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({"settings": {"profile": "smoke", "run_dir": str(run_dir),
-                                                                  "choices": {}}, "data": {}}))
+def test_tensorboard_serves_the_searched_hparams_on_loopback_only(killed_and_resumed):
+    run_dir, _, searched = killed_and_resumed
+    assert searched.returncode == 0, searched.stderr[-2000:]
+    trials = leaderboard(run_dir)
     port = free_port()
     process = start_cli("tensorboard", "--run-dir", run_dir, "--port", port)
     try:
-        def listing():
+        def experiment():
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugins_listing", timeout=2) as r:
-                    return json.loads(r.read())
+                answer = hparams_api(port, "experiment", {"experimentName": ""})
             except OSError:
                 return None
+            return answer if answer.get("hparamInfos") else None  # empty until the logs are loaded
 
-        assert wait_for(lambda: listing() is not None, timeout=60), "TensorBoard did not answer on 127.0.0.1"
-        assert "hparams" in listing()
-        other = non_loopback_address()
-        if other is not None:
-            with pytest.raises(OSError):
-                socket.create_connection((other, port), timeout=2).close()
+        assert wait_for(lambda: experiment() is not None, timeout=90), "no HParams experiment on 127.0.0.1"
+        infos = {info["name"]: info for info in experiment()["hparamInfos"]}
+        assert {"backbone", "resolution", "unfrozen_blocks", "dense_units", "dropout", "learning_rate",
+                "lr_schedule"} <= set(infos)
+        assert set(infos["backbone"]["domainDiscrete"]) <= {"mobilenet_v2_0.35", "mobilenet_v2_0.5"}
+        assert set(infos["backbone"]["domainDiscrete"]) == set(trials["backbone"])
+        # One session group per trial, carrying that trial's hyperparameters.
+        groups = hparams_api(port, "session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 100, "colParams": [],
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        })["sessionGroups"]
+        shown = {g["name"]: g["hparams"] for g in groups}
+        assert set(shown) == set(trials["trial_id"])
+        for row in trials.itertuples():
+            assert shown[row.trial_id]["backbone"] == row.backbone
+            assert shown[row.trial_id]["learning_rate"] == pytest.approx(row.learning_rate)
+        # Listening on the loopback interface only, not on 0.0.0.0 / every interface.
+        sockets = listening_sockets(process.pid)
+        assert ("127.0.0.1", port) in sockets, sockets
+        assert all(ip in ("127.0.0.1", "::1") for ip, _ in sockets), sockets
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -162,20 +201,22 @@ def test_tensorboard_serves_hparams_on_loopback_only(tmp_path):
 
 def test_same_seed_proposes_the_same_trials(tmp_path):
     from data_pipeline import load_dataset
-    from tuning.run import RunSettings, prepare_run_dir, training_data
+    from tuning.jobs import search_data
+    from tuning.run_dir import prepare_run_dir
+    from tuning.settings import Settings
     from tuning.tuner import run_search
 
     dataset = load_dataset()
     boards = []
     for name in ("a", "b"):
-        settings = RunSettings(
+        settings = Settings(
             profile="smoke", run_dir=str(tmp_path / name), tuner="random", max_trials=3, max_epochs=1,
             train_subset=200, val_subset=100, batch_size=50, seed=0,  # 0 is KerasTuner's 'random'
             choices=SearchChoices(backbones=("mobilenet_v2_0.35", "mobilenet_v2_0.5"), resolutions=(32,),
                                   unfrozen_blocks=(0,)),
         )
         run_dir = prepare_run_dir(settings, dataset)
-        boards.append(run_search(settings, training_data(dataset, settings), run_dir,
+        boards.append(run_search(settings, search_data(dataset, settings), run_dir,
                                  feature_cache=FeatureCache(None), log=lambda m: None)["leaderboard"])
     columns = ["trial_id", "backbone", "dense_units", "dropout", "learning_rate", "lr_schedule", "optimizer"]
     pd.testing.assert_frame_equal(boards[0][columns], boards[1][columns])

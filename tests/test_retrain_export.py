@@ -8,16 +8,51 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cli import run_cli
+from cli import assert_user_error, run_cli
 from data_pipeline import load_dataset
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
+    """The whole smoke job, restricted to configurations that fine-tune (2 or 5 blocks),
+    so that the retrain's phase 2 really trains."""
     run_dir = tmp_path_factory.mktemp("job") / "run"
-    result = run_cli("--profile", "smoke", "--run-dir", run_dir)
+    result = run_cli("--profile", "smoke", "--unfrozen-blocks", "2,5", "--run-dir", run_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result
+
+
+def epoch_scalars(log_dir, tag):
+    """Values of one per-epoch scalar (e.g. epoch_loss) in a TensorBoard log dir, in step order."""
+    values = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") \
+                        else value.simple_value
+    return [values[step] for step in sorted(values)]
+
+
+def preprocess(images, resolution):
+    """What the exported model must do to raw uint8 images, written out here independently:
+    gray → RGB, bilinear resize to the trained resolution, MobileNetV2's x / 127.5 - 1."""
+    rgb = np.repeat(images.astype(np.float32)[..., np.newaxis], 3, axis=-1)
+    resized = tf.image.resize(rgb, (resolution, resolution), method="bilinear").numpy()
+    return resized / 127.5 - 1.0
+
+
+def keras_probabilities(run_dir, images):
+    """(plain, flip-averaged) probabilities of run/model.keras, preprocessed by this test."""
+    import keras
+
+    import hypermodel.schedules  # noqa: F401  (registers WarmupSchedule: model.keras's optimizer needs it)
+
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    resolution = json.loads((run_dir / "best_hparams.json").read_text())["hyperparameters"]["resolution"]
+    plain = model.predict(preprocess(images, resolution), verbose=0)
+    mirrored = model.predict(preprocess(images[:, :, ::-1], resolution), verbose=0)
+    return plain, (plain + mirrored) / 2
 
 
 def test_whole_smoke_job_is_sane(job):
@@ -27,8 +62,21 @@ def test_whole_smoke_job_is_sane(job):
     assert metrics["test_images"] == 10000
     assert set(metrics["per_class"]) == set(load_dataset().class_names)
     assert np.array(metrics["confusion_matrix"]).sum() == 10000
+    best = json.loads((run_dir / "best_hparams.json").read_text())["hyperparameters"]
+    assert best["unfrozen_blocks"] in (2, 5)
+    # Both phases really trained (a phase 2 {"skipped": ...} must not pass): each has a
+    # history with one finite loss per epoch, and TensorBoard logged the same epochs.
     for phase in ("phase1", "phase2"):
-        assert phase in metrics
+        record = metrics[phase]
+        assert "skipped" not in record, record
+        assert record["epochs"] >= 1
+        history = record["history"]
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert len(history[key]) == record["epochs"], (phase, key)
+        assert np.isfinite(history["loss"]).all() and np.isfinite(history["val_loss"]).all()
+        logged = epoch_scalars(run_dir / "tensorboard" / "retrain" / phase / "train", "epoch_loss")
+        assert len(logged) == record["epochs"], phase
+        np.testing.assert_allclose(logged, history["loss"], rtol=1e-5)
     assert "test accuracy" in result.stdout and "export" in result.stdout and "tensorboard" in result.stdout
     for name in ("report.md", "learning_curves.png", "confusion_matrix.png", "model.keras", "leaderboard.csv"):
         assert (run_dir / name).is_file(), name
@@ -60,11 +108,25 @@ def test_export_signature_is_raw_uint8_in_probabilities_out(job):
         assert f"outputs['{key}']" in serving
 
 
-def test_export_parity_recorded(job):
+def test_reloaded_saved_model_matches_model_keras_on_fresh_images(job):
+    """The SavedModel, reloaded here, gives model.keras's probabilities on test images the
+    tool's own parity check never saw (it uses the first 512), with flip TTA exactly when
+    the retrain chose it."""
     run_dir, _ = job
-    parity = json.loads((run_dir / "metrics.json").read_text())["export"]
-    assert parity["images"] >= 512
-    assert parity["max_abs_diff"] <= 1e-5 and parity["same_classes"] and parity["passed"]
+    dataset = load_dataset()
+    images = dataset.x_test[-300:]
+    serve = tf.saved_model.load(str(run_dir / "export")).signatures["serving_default"]
+    served = serve(images=tf.constant(images))
+    plain, flip_averaged = keras_probabilities(run_dir, images)
+    used = json.loads((run_dir / "metrics.json").read_text())["tta"]["used"]
+    expected, other = (flip_averaged, plain) if used else (plain, flip_averaged)
+    probabilities = served["probabilities"].numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=2e-5)
+    assert np.abs(probabilities - other).max() > 1e-3  # and not the other variant
+    np.testing.assert_array_equal(served["class_id"].numpy(), expected.argmax(axis=1))
+    names = [n.decode() for n in served["class_name"].numpy()]
+    assert names == [dataset.class_names[i] for i in expected.argmax(axis=1)]
+    assert np.mean(expected.argmax(axis=1) == dataset.y_test[-300:]) >= 0.7  # a trained model, not noise
 
 
 def test_saved_model_cli_run_on_npy(job, tmp_path):
@@ -99,8 +161,76 @@ def test_predict_png_and_csv_output(job, tmp_path):
     assert csv[0] == "input,class_name,confidence" and len(csv) == 3
 
 
+def write_idx3(path, images):
+    """An IDX3 image file, as in the Fashion-MNIST distribution (uncompressed)."""
+    header = (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
+    path.write_bytes(header + images.tobytes())
+
+
+def test_predict_npy_csv_and_idx_inputs(job, tmp_path):
+    """Real test images in each batch format: one output row per image, each with the
+    class the SavedModel gives that image."""
+    import pandas as pd
+
+    run_dir, _ = job
+    dataset = load_dataset()
+    batches = {  # distinct images per file, so a mix-up between files shows
+        "batch.npy": dataset.x_test[9000:9005],
+        "kaggle.csv": dataset.x_test[9005:9009],
+        "t10k-images-idx3-ubyte": dataset.x_test[9009:9015],
+    }
+    np.save(tmp_path / "batch.npy", batches["batch.npy"])
+    frame = pd.DataFrame(batches["kaggle.csv"].reshape(-1, 784), columns=[f"pixel{i}" for i in range(1, 785)])
+    frame.insert(0, "label", dataset.y_test[9005:9009])  # Kaggle's format, label column first
+    frame.to_csv(tmp_path / "kaggle.csv", index=False)
+    write_idx3(tmp_path / "t10k-images-idx3-ubyte", batches["t10k-images-idx3-ubyte"])
+
+    paths = [tmp_path / name for name in batches]
+    result = run_cli("predict", "--model", run_dir / "export", *paths, "--output", tmp_path / "p.csv")
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = result.stdout.strip().splitlines()
+    written = pd.read_csv(tmp_path / "p.csv")
+    assert list(written.columns) == ["input", "class_name", "confidence"]
+    assert len(printed) == len(written) == 15
+
+    serve = tf.saved_model.load(str(run_dir / "export")).signatures["serving_default"]
+    expected_inputs, expected_names, expected_confidence = [], [], []
+    for path, images in zip(paths, batches.values()):
+        out = serve(images=tf.constant(images))
+        expected_inputs += [f"{path}[{i}]" for i in range(len(images))]
+        expected_names += [n.decode() for n in out["class_name"].numpy()]
+        expected_confidence += list(out["probabilities"].numpy().max(axis=1))
+    assert list(written["input"]) == expected_inputs
+    assert list(written["class_name"]) == expected_names
+    np.testing.assert_allclose(written["confidence"], expected_confidence, rtol=1e-5)
+    for line, name, class_name in zip(printed, expected_inputs, expected_names):
+        assert line.startswith(name) and f" {class_name} " in line, line
+
+
+def test_retrain_that_diverges_exits_2_with_one_line(job, tmp_path):
+    """An absurd learning rate in best_hparams.json makes the loss NaN (1e4 is not enough:
+    Adam then only collapses the model to chance, finite loss); the retrain says so in one line."""
+    import shutil
+
+    run_dir, _ = job
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.json", "best_hparams.json"):
+        shutil.copy(run_dir / name, copy / name)
+    shutil.copytree(run_dir / "feature_cache", copy / "feature_cache")  # only to save time
+    best = json.loads((copy / "best_hparams.json").read_text())
+    best["hyperparameters"]["learning_rate"] = 1e30
+    (copy / "best_hparams.json").write_text(json.dumps(best))
+    inputs = {name: (copy / name).read_bytes() for name in ("config.json", "best_hparams.json")}
+    result = run_cli("retrain", "--run-dir", copy)
+    assert_user_error(result, "diverged")
+    assert {name: (copy / name).read_bytes() for name in inputs} == inputs
+    for name in ("model.keras", "metrics.json", "export", "timings.json", "confusion_matrix.png"):
+        assert not (copy / name).exists(), name
+
+
 @pytest.mark.parametrize("name, content, fault", [
-    ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "not a readable PNG"),
+    ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "corrupt PNG"),
     ("x.npy", b"garbage", "not a valid .npy"),
     ("missing.png", None, "file not found"),
     ("notes.txt", b"hello", "unsupported input type"),
