@@ -110,7 +110,7 @@ def is_image_dataset(path):
     """True when `path` is a folder of class folders (or train/ + test/), or a CSV manifest."""
     path = Path(path)
     if path.is_file():
-        return path.suffix.lower() == ".csv"
+        return path.suffix.lower() == ".csv" and "path" in _header(path)
     return path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
 
 
@@ -229,6 +229,15 @@ def _class_folders(folder):
     return classes, ignored
 
 
+def _header(path):
+    """The lower-cased column names of a CSV's first line (empty if it is not text)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [c.strip().strip('"').lower() for c in f.readline().split(",")]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def _read_manifest(path):
     """[(file, label, split or None)] from a `path,label[,split]` CSV."""
     import pandas as pd
@@ -239,7 +248,8 @@ def _read_manifest(path):
         raise DataError(path, f"not a valid CSV manifest ({str(e).splitlines()[0]})") from None
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     if not {"path", "label"} <= set(frame.columns):
-        raise DataError(path, f"a manifest needs `path` and `label` columns, found {list(frame.columns)}")
+        found = ", ".join(frame.columns[:5]) + (", …" if len(frame.columns) > 5 else "")
+        raise DataError(path, f"a manifest needs `path` and `label` columns, found {found}")
     if frame.empty:
         raise DataError(path, "header only, no rows")
     entries = []

@@ -136,7 +136,8 @@ def load_dataset(path=None, skip_bad_images=False):
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return _load_npz(path)
-        raise DataError(path, "unsupported file: give an .npz file, a CSV manifest, or a folder")
+        raise DataError(path, "unsupported file: give an .npz file, a CSV manifest (path,label columns), "
+                              "or a folder (class folders, IDX files, or *train*.csv + *test*.csv)")
     missing = [stems[0] + "[.gz]" for stems in IDX_NAMES.values() if not _idx_file(path, stems)]
     if len(missing) < len(IDX_NAMES):
         raise DataError(path, f"incomplete IDX dataset: missing {', '.join(missing)}")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cli import ROOT, assert_user_error, run_cli
+from cli import ROOT, assert_user_error, free_port, run_cli
 from common.errors import UsageError
 from hypermodel.space import SearchChoices
 from tuning.cli import COMMANDS, options_of, parse, resolve_settings
@@ -146,18 +146,30 @@ def test_commands_without_run_dir_say_which_run_they_picked(tmp_path):
     assert "config.json: not a valid run config" in result.stderr
 
 
-@pytest.mark.parametrize("command, resumable", [("search", True), ("tensorboard", False)])
-def test_ctrl_c_says_rerun_only_where_a_rerun_resumes(tmp_path, command, resumable):
+@pytest.mark.parametrize("command, resumable, working", [
+    ("search", True, "run dir:"), ("tensorboard", False, "TensorBoard at"),
+])
+def test_ctrl_c_says_rerun_only_where_a_rerun_resumes(tmp_path, command, resumable, working):
+    """Ctrl-C once the command is at work (it has printed `working`)."""
     from cli import start_cli
 
     run_dir = tmp_path / "r"
     if command == "tensorboard":
         (run_dir / "tensorboard").mkdir(parents=True)
         (run_dir / "config.json").write_text('{"settings": {}, "data": {"checksum": ""}}')
-    process = start_cli(command, "--run-dir", run_dir, *(["--profile", "smoke"] if command == "search" else []))
-    time.sleep(8)
+    extra = ["--profile", "smoke"] if command == "search" else ["--port", str(free_port())]
+    process = start_cli(command, "--run-dir", run_dir, *extra)
+    out = []
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(working in line for line in out):
+        line = process.stdout.readline()
+        if not line:
+            break
+        out.append(line)
+    assert any(working in line for line in out), "".join(out)
     process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=120)
+    rest, _ = process.communicate(timeout=120)
+    out = "".join(out) + rest
     assert process.returncode == 130, out[-1000:]
     assert ("rerun the same command to resume" in out) == resumable, out[-500:]
     assert "Traceback" not in out

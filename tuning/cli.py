@@ -192,7 +192,11 @@ def dispatch(invocation):
 
     command, options = invocation.command, invocation.options
     if command == "data":
-        return jobs.show_data(resolve_settings(options))
+        def image_settings():
+            quiet_import_tensorflow()  # the default profile depends on the GPUs TensorFlow sees
+            return resolve_settings(options)
+
+        return jobs.show_data(options.get("data"), options.get("skip_bad_images", False), image_settings)
     if command == "predict":
         return jobs.predict(options["model"], options["inputs"], options.get("output"),
                             before_model=quiet_import_tensorflow)

@@ -38,13 +38,18 @@ def silence_library_warnings():
     tf.get_logger().setLevel("ERROR")
 
 
-def show_data(settings):
-    """`search.py data`: load, validate and summarise a dataset."""
-    source = load_source(settings)
+def show_data(path, skip_bad_images, image_settings):
+    """`search.py data`: load, validate and summarise a dataset.
+
+    Args:
+        image_settings: Returns the run's settings; called only for image files (to show
+            the resolutions a search would use), so arrays never load TensorFlow.
+    """
+    source = load_dataset(path, skip_bad_images=skip_bad_images)
     summary = source.summary()
     log(f"source:      {summary['source']} ({summary['path']})")
     if isinstance(source, ImageFiles):
-        _show_image_files(summary, for_image_files(settings, source, explicit_resolutions=False))
+        _show_image_files(summary, for_image_files(image_settings(), source, explicit_resolutions=False))
         return 0
     log(f"train/test:  {summary['train']} / {summary['test']} images (before the validation split)")
     log(f"image shape: {'x'.join(map(str, summary['image_shape']))} grayscale uint8")
@@ -81,13 +86,14 @@ def _show_image_files(summary, settings):
 def load_source(settings):
     """The validated dataset: a `Dataset`, or `ImageFiles` checked but not decoded yet.
 
-    Bad input is refused here, before anything is written.
+    Bad input is refused here, before anything is written. Sets the run's precision.
     """
+    source = load_dataset(settings.data, skip_bad_images=settings.skip_bad_images)
     if settings.mixed_precision:
         import keras
 
         keras.mixed_precision.set_global_policy("mixed_float16")
-    return load_dataset(settings.data, skip_bad_images=settings.skip_bad_images)
+    return source
 
 
 def for_image_files(settings, files, explicit_resolutions):
