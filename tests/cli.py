@@ -1,6 +1,7 @@
 """Runs the real CLI (`python search.py ...`) in a subprocess, as a user would."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,11 +29,16 @@ def run_cli(*args, timeout=600, cwd=ROOT, env=None):
 
 
 def start_cli(*args):
-    """Starts `python search.py ARGS` in its own process group (to SIGKILL it whole)."""
+    """Starts `python search.py ARGS` in its own process group (to SIGKILL it whole).
+
+    Ctrl-C (SIGINT) is restored to its default in the child: a test run started in the
+    background inherits SIGINT ignored, and Python would then ignore it too.
+    """
     environment = user_environment()
     return subprocess.Popen(
         [sys.executable, str(ROOT / "search.py"), *map(str, args)], cwd=ROOT, env=environment,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
