@@ -112,8 +112,6 @@ class FeatureCache:
     def _save(self, digest, key, array):
         if self.directory is None:
             return
-        from common import atomic
-
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         atomic.write_bytes(self._path(digest), buffer.getvalue())

@@ -45,7 +45,7 @@ def write_report(run_dir, log=print):
     else:
         lines += [f"- {data.get('train')} training / {data.get('test')} test images, "
                   f"{data.get('num_classes')} classes: {', '.join(data.get('class_names', []))}"]
-    lines += [f"- Validation: " + ("as given" if "val" in data.get("per_split", {}) else
+    lines += ["- Validation: " + ("as given" if "val" in data.get("per_split", {}) else
                                    f"{settings.get('validation_fraction')} of train, stratified, seed {settings.get('seed')}")
               + f"; search used {settings.get('train_subset') or 'all'} training and "
               f"{settings.get('val_subset') or 'all'} validation images", ""]
