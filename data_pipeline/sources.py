@@ -129,8 +129,10 @@ def load_dataset(path=None, skip_bad_images=False):
     path = Path(path)
     if not path.exists():
         raise DataError(path, "no such file or folder")
-    if path.is_dir() and (_find_idx_files(path) or _find_csv_pair(path)):
-        return _load_idx(path, source="idx") if _find_idx_files(path) else _load_csv(path)
+    if path.is_dir() and _find_idx_files(path):
+        return _load_idx(path, source="idx")
+    if path.is_dir() and _find_csv_pair(path):
+        return _load_csv(path)
     if folders.is_image_dataset(path):
         return folders.scan(path, skip_bad=skip_bad_images)
     if path.is_file():

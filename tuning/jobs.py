@@ -178,18 +178,19 @@ def with_available_backbones(settings, explicit):
     return dataclasses.replace(settings, choices=dataclasses.replace(settings.choices, backbones=usable)), dropped
 
 
-def search(settings, explicit=()):
+def search(settings, explicit=(), source=None):
     """`search.py search`: run or resume the search; print the top trials.
 
     Args:
         explicit: Names of the settings the user gave (given backbones must have weights;
             given resolutions are searched as given).
+        source: The dataset already loaded and checked (`load_source`), else loaded here.
     """
     from data_pipeline.feature_cache import FeatureCache
     from tuning.run_dir import prepare_run_dir
     from tuning.tuner import configure_distributed, run_search
 
-    source = load_source(settings)  # bad data is refused before anything else happens
+    source = source or load_source(settings)  # bad data is refused before anything else happens
     if isinstance(source, ImageFiles):
         settings = for_image_files(settings, source, "resolutions" in explicit)
     settings, dropped = with_available_backbones(settings, "backbones" in explicit)
@@ -239,19 +240,21 @@ def _record_stage(run_dir, stage, seconds):
     atomic.write_json(path, timings)
 
 
-def _reopen(run_dir, overrides=None):
+def _reopen(run_dir, overrides=None, source=None):
     """Settings, dataset and retrain data of an existing run, verified against config.json.
 
     Args:
         overrides: {setting: value} given to this command (resumable settings only);
             recorded in config.json.
+        source: The dataset already loaded and checked by this process (the whole job),
+            else it is loaded here.
     """
     from tuning.run_dir import CONFIG_FILE, read_config
     from tuning.settings import Settings
 
     record = read_config(run_dir)
     settings = Settings.from_dict({**record["settings"], **(overrides or {})})
-    source = load_source(settings)
+    source = source or load_source(settings)
     if source.checksum != record["data"]["checksum"]:
         raise UsageError(f"the data at {settings.data or 'data/fashion-mnist'} changed since {run_dir} was searched")
     if overrides:
@@ -271,19 +274,20 @@ def _check_run(run_dir):
     read_best(run_dir)
 
 
-def retrain(run_dir, overrides=None, deadline=None):
+def retrain(run_dir, overrides=None, deadline=None, source=None):
     """`search.py retrain`: two-phase retrain of the best trial, then the test evaluation.
 
     Args:
         overrides: {setting: value} given on the command line (epochs, job_time_budget_s, ...).
         deadline: `time.time()` the whole job should end by (phase 2 is fitted to it);
             default: `job_time_budget_s` from now.
+        source: The dataset already loaded and checked by this process, else loaded here.
     """
     from data_pipeline.feature_cache import FeatureCache
     from tuning.retrain import retrain as retrain_best
 
     _check_run(run_dir)
-    settings, dataset, data = _reopen(run_dir, overrides)
+    settings, dataset, data = _reopen(run_dir, overrides, source)
     started = time.time()
     if deadline is None and settings.job_time_budget_s:
         deadline = started + settings.job_time_budget_s
@@ -293,12 +297,12 @@ def retrain(run_dir, overrides=None, deadline=None):
     return 0
 
 
-def export(run_dir):
+def export(run_dir, source=None):
     """`search.py export`: SavedModel with a raw-uint8 signature, parity-checked."""
     from tuning.export import export as export_model
 
     _check_run(run_dir)
-    settings, dataset, _ = _reopen(run_dir)
+    settings, dataset, _ = _reopen(run_dir, source=source)
     started = time.time()
     export_model(run_dir, settings, dataset, log=log)
     _record_stage(run_dir, "export", time.time() - started)
@@ -335,13 +339,14 @@ def tensorboard(run_dir, host, port):
 def whole_job(settings, explicit=()):
     """`search.py`: search → retrain → export → report into one run dir."""
     started = time.time()
-    search(settings, explicit)
+    source = load_source(settings)  # checked once for the whole job (folders: every file)
+    search(settings, explicit, source)
     if settings.distributed == "worker":
         return 0  # the chief retrains and exports, once
     run_dir = Path(settings.run_dir)
     deadline = started + settings.job_time_budget_s if settings.job_time_budget_s else None
-    retrain(run_dir, deadline=deadline)
-    export(run_dir)
+    retrain(run_dir, deadline=deadline, source=source)
+    export(run_dir, source)
     report(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     log(f"done in {(time.time() - started) / 60:.1f} min: test accuracy {metrics['test_accuracy']:.4f}; "
