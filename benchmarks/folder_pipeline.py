@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.machine import cpu_description  # noqa: E402
 from benchmarks.pipeline import PeakRSS  # noqa: E402
 
 SIZE, BATCH = 224, 64
@@ -109,15 +109,6 @@ def model_images_per_s(images, labels, batches):
         if i:  # the first batch traces the model
             timed += time.perf_counter() - started
     return batches * BATCH / timed
-
-
-def cpu_description():
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    words = set(flags.split())
-    return {"model": model, "cores": os.cpu_count(),
-            "flags": sorted(w for w in words if w in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))}
 
 
 def main():

@@ -22,10 +22,14 @@ The shims:
 6. `custom_gradient_keys` / `forget_custom_gradients`: TensorFlow's global gradient
    registry pins every traced Keras train step forever (tensorflow/tensorflow#80895,
    20-40 MB per trial); the tuner drops a finished trial's entries.
+7. `hide_failed_trial_tracebacks`: KerasTuner prints every failed trial's traceback
+   (`keras_tuner.src.config.DEBUG`, on by default); the tuner prints them itself, except
+   for trials rejected by a deployment limit, which are not errors.
 """
 
 import keras_tuner as kt
 import tensorflow as tf
+from keras_tuner.src import config as _kt_config
 from keras_tuner.src import utils as _kt_utils
 from keras_tuner.src.engine import oracle as _kt_oracle
 from keras_tuner.src.engine import tuner_utils as _kt_tuner_utils
@@ -116,3 +120,12 @@ def forget_custom_gradients(keep):
     """Drops every custom gradient registered since `keep = custom_gradient_keys()`."""
     for key in custom_gradient_keys() - keep:
         _gradient_registry._registry.pop(key, None)
+
+
+# 7.
+_require(_kt_config, "DEBUG")
+
+
+def hide_failed_trial_tracebacks():
+    """Stops KerasTuner from printing the traceback of each failed trial."""
+    _kt_config.DEBUG = False

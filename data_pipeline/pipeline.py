@@ -122,7 +122,7 @@ def make_dataset(
     return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def indexed_batches(images, labels, batch_size, shuffle_seed=None, dtype=tf.uint8):
+def indexed_batches(images, labels, batch_size, shuffle_seed=None):
     """Batches gathered by index from `images` (and `labels`), optionally shuffled.
 
     tf.data's shuffle order depends only on the element count and the seeds, so any
@@ -132,7 +132,6 @@ def indexed_batches(images, labels, batch_size, shuffle_seed=None, dtype=tf.uint
     Args:
         images: A numpy array (or anything whose `gather(indices)` / `[indices]` does that).
         labels: int vector, or None.
-        dtype: What `images` are cast to (float16 features come out as float32).
     """
     ds = tf.data.Dataset.range(len(images))
     if shuffle_seed is not None:
@@ -140,11 +139,11 @@ def indexed_batches(images, labels, batch_size, shuffle_seed=None, dtype=tf.uint
     take = getattr(images, "gather", None) or images.__getitem__
 
     def gather(indices):
-        x = np.asarray(take(indices)).astype(dtype.as_numpy_dtype, copy=False)
+        x = np.asarray(take(indices), dtype=np.uint8)
         return (x,) if labels is None else (x, labels[indices].astype(np.int32))
 
     def load(indices):
-        out = tf.numpy_function(gather, [indices], (dtype,) if labels is None else (dtype, tf.int32))
+        out = tf.numpy_function(gather, [indices], (tf.uint8,) if labels is None else (tf.uint8, tf.int32))
         out[0].set_shape([None, *images.shape[1:]])
         if labels is None:
             return out[0]

@@ -8,6 +8,7 @@ a download.
 
 import dataclasses
 import re
+import time
 
 import keras
 
@@ -47,12 +48,13 @@ class Backbone:
     min_size: int = RESOLUTION_RANGE[0]
     kwargs: dict = dataclasses.field(default_factory=dict)
 
-    def build(self, resolution, weights="imagenet"):
+    def build(self, resolution, weights="imagenet", seconds=None):
         """Builds the no-top backbone at `resolution`.
 
         Args:
             resolution: Input side in pixels (≥ `min_size`).
             weights: "imagenet" or "none".
+            seconds: Optional dict; receives the seconds spent loading weights ("weights").
         """
         if resolution < self.min_size:
             raise UsageError(f"{self.name} needs inputs of at least {self.min_size} px, got {resolution}")
@@ -60,8 +62,10 @@ class Backbone:
             input_shape=(resolution, resolution, 3), include_top=False, weights=None, **self.kwargs
         )
         if weights == "imagenet":
-            # No-top weights do not depend on the input size, so the 224 file loads at any size.
-            model.load_weights(resolve_weights(self))
+            started = time.perf_counter()
+            load_imagenet_weights(self, model)
+            if seconds is not None:
+                seconds["weights"] = seconds.get("weights", 0.0) + time.perf_counter() - started
         elif weights != "none":
             raise UsageError(f"weights must be 'imagenet' or 'none', got {weights!r}")
         return model
@@ -159,6 +163,23 @@ def find_weights(backbone):
         if path.is_file() and path.stat().st_size > 0:
             return path
     return None
+
+
+_IMAGENET_WEIGHTS = {}  # backbone name → its ImageNet weights, as read from the file
+
+
+def load_imagenet_weights(backbone, model):
+    """Loads `backbone`'s ImageNet weights into `model`, reading the file once per process.
+
+    No-top weights do not depend on the input size, so the 224 px file loads at any
+    size, and weights read for one resolution serve every other.
+    """
+    weights = _IMAGENET_WEIGHTS.get(backbone.name)
+    if weights is None:
+        model.load_weights(resolve_weights(backbone))
+        _IMAGENET_WEIGHTS[backbone.name] = model.get_weights()
+    else:
+        model.set_weights(weights)
 
 
 def resolve_weights(backbone, offline=False, download_timeout=10):

@@ -91,6 +91,91 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
 
 
+class TrialClock(keras.callbacks.Callback):
+    """Where a fit's time goes: tracing, training steps, validation.
+
+    The first training step of a fit includes tracing the step function; it counts as
+    `trace` beyond the median step's time. Validation passes count as `validate`
+    (the first includes tracing the test step); the time between two steps of an epoch
+    (waiting for data, other callbacks' batch hooks) as `between_steps`.
+
+    Args:
+        seconds: The dict the figures are added to.
+    """
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+        self.steps = []
+        self.started = self.ended = None
+
+    def on_train_begin(self, logs=None):
+        self.steps = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.ended = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.started = time.perf_counter()
+        if self.ended is not None:
+            _add(self.seconds, "between_steps", self.started - self.ended)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ended = time.perf_counter()
+        self.steps.append(self.ended - self.started)
+
+    def on_test_begin(self, logs=None):
+        self.started = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        _add(self.seconds, "validate", time.perf_counter() - self.started)
+
+    def on_train_end(self, logs=None):
+        if not self.steps:
+            return
+        typical = sorted(self.steps)[len(self.steps) // 2]
+        trace = max(0.0, self.steps[0] - typical) if len(self.steps) > 1 else 0.0
+        _add(self.seconds, "trace", trace)
+        _add(self.seconds, "train", sum(self.steps) - trace)
+
+
+class Timed(keras.callbacks.Callback):
+    """Runs `callback`, adding the seconds its hooks take to `seconds[bucket]`."""
+
+    def __init__(self, callback, seconds, bucket):
+        super().__init__()
+        self.callback = callback
+        self.seconds = seconds
+        self.bucket = bucket
+
+    def set_model(self, model):
+        self.callback.set_model(model)
+
+    def set_params(self, params):
+        self.callback.set_params(params)
+
+
+def _timed_hook(name):
+    def hook(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return getattr(self.callback, name)(*args, **kwargs)
+        finally:
+            _add(self.seconds, self.bucket, time.perf_counter() - started)
+
+    hook.__name__ = name
+    return hook
+
+
+for _name in ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
+              "on_train_batch_end", "on_test_begin", "on_test_end", "on_test_batch_begin", "on_test_batch_end"):
+    setattr(Timed, _name, _timed_hook(_name))
+
+
+def _add(seconds, key, value):
+    seconds[key] = seconds.get(key, 0.0) + value
+
+
 class EpochProgress(keras.callbacks.Callback):
     """One line per epoch for long runs: accuracy, validation accuracy, time left.
 

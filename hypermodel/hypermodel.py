@@ -1,9 +1,12 @@
 """TransferHyperModel: KerasTuner's view of the models layer (declare, build, fit a trial)."""
 
+import time
+
 import keras
 import keras_tuner as kt
 
 from hypermodel import space
+from hypermodel.footprint import FootprintChecker, Limits
 from hypermodel.model import build_transfer_model
 from hypermodel.training import train
 
@@ -19,10 +22,11 @@ class TransferHyperModel(kt.HyperModel):
         seed: Seeds initialisation and shuffling.
         early_stopping_patience: Epochs without val_accuracy gain before a trial stops.
         feature_cache: A `FeatureCache`, or None to always train end to end.
+        limits: Deployment `Limits`: a trial whose model breaks one is rejected untrained.
     """
 
     def __init__(self, choices, num_classes, weights="imagenet", batch_size=64, seed=0,
-                 early_stopping_patience=2, feature_cache=None):
+                 early_stopping_patience=2, feature_cache=None, limits=Limits()):
         super().__init__(name="transfer")
         self.choices = choices
         self.num_classes = num_classes
@@ -31,13 +35,18 @@ class TransferHyperModel(kt.HyperModel):
         self.seed = seed
         self.early_stopping_patience = early_stopping_patience
         self.feature_cache = feature_cache
+        self.footprints = FootprintChecker(limits)
 
     def declare_hyperparameters(self, hp):
         space.declare(hp, self.choices)
 
     def build(self, hp):
         config = space.declare(hp, self.choices)
-        return build_transfer_model(config, self.num_classes, self.weights, self.seed)
+        started = time.perf_counter()
+        self.seconds = {}  # this trial's time, by where it went (read back by `fit`)
+        model = build_transfer_model(config, self.num_classes, self.weights, self.seed, seconds=self.seconds)
+        self.seconds["build"] = time.perf_counter() - started - self.seconds.get("weights", 0.0)
+        return model
 
     def fit(self, hp, model, data, epochs=1, initial_epoch=0, callbacks=(), verbose=0, **kwargs):
         """Trains one trial; uses the feature cache when the trial allows it.
@@ -50,19 +59,32 @@ class TransferHyperModel(kt.HyperModel):
             callbacks: KerasTuner's callbacks (checkpointing, TensorBoard, HParams).
 
         Returns:
-            The Keras `History`, with `fit_mode` ("cached" or "end-to-end[: reason]")
-            added for the trial's log line.
+            The Keras `History`, with `fit_mode` ("cached" or "end-to-end[: reason]"),
+            `train_seconds`, the model's `footprint` and `seconds` (where the trial's
+            time went, see `training.train`; with "build", "weights", "footprint")
+            added for the trial's record.
+
+        Raises:
+            TrialRejected: The model breaks a deployment limit (measured before training).
         """
         config = space.declare(hp, self.choices)
+        seconds = getattr(self, "seconds", {})
+        started = time.perf_counter()
+        footprint = self.footprints.check(model, config)
+        seconds["footprint"] = time.perf_counter() - started
         callbacks = list(callbacks) + [
             keras.callbacks.EarlyStopping(
                 monitor="val_accuracy", mode="max", patience=self.early_stopping_patience
             ),
         ]
+        started = time.perf_counter()
         history, mode = train(
             model, config, data, batch_size=self.batch_size, seed=self.seed, epochs=epochs,
             initial_epoch=initial_epoch, callbacks=callbacks, feature_cache=self.feature_cache,
-            verbose=verbose,
+            verbose=verbose, seconds=seconds,
         )
         history.fit_mode = mode
+        history.train_seconds = time.perf_counter() - started  # the trial's cost less building, measuring
+        history.seconds = seconds
+        history.footprint = footprint
         return history

@@ -16,7 +16,7 @@ from hypermodel.backbones import get_backbone
 PREFIX_NAME, TOP_NAME, SUFFIX_NAME = "frozen_prefix", "trainable_top", "unfrozen_blocks"
 
 
-def build_transfer_model(config, num_classes, weights="imagenet", seed=0):
+def build_transfer_model(config, num_classes, weights="imagenet", seed=0, seconds=None):
     """Builds `inputs → frozen_prefix → trainable_top` for one `TrialConfig`.
 
     Args:
@@ -24,13 +24,14 @@ def build_transfer_model(config, num_classes, weights="imagenet", seed=0):
         num_classes: Output classes K.
         weights: "imagenet" or "none".
         seed: Seeds the random initialisation (head; whole backbone with "none").
+        seconds: Optional dict; receives the seconds spent loading weights ("weights").
 
     Returns:
         The end-to-end Keras model, expecting preprocessed [batch, res, res, 3] floats.
     """
     keras.utils.set_random_seed(seed)
     backbone = get_backbone(config.backbone)
-    base = backbone.build(config.resolution, weights)
+    base = backbone.build(config.resolution, weights, seconds)
     prefix, suffix = split_backbone(base, backbone.block_ends(base), config.unfrozen_blocks)
     prefix.trainable = False
 

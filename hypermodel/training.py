@@ -6,6 +6,7 @@ cache can serve the trial, else the whole model on images through tf.data.
 """
 
 import math
+import time
 
 import keras
 
@@ -13,12 +14,15 @@ from common.shims import SaveBestEpoch
 from data_pipeline.feature_cache import feature_batches
 from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
-from hypermodel.callbacks import AtomicCheckpoint, FailOnNaN, StepTimer
+from hypermodel.callbacks import AtomicCheckpoint, FailOnNaN, StepTimer, Timed, TrialClock
 from hypermodel.model import PREFIX_NAME, TOP_NAME
 from hypermodel.schedules import WarmupSchedule
 
 
-def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=None):
+CACHED_STEPS_PER_EXECUTION = 32  # a cached top's step is milliseconds: Keras' per-step cost would dominate
+
+
+def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=None, steps_per_execution=1):
     """Compiles with the trial's optimizer and warmup + decay schedule over `epochs`."""
     schedule = WarmupSchedule(
         learning_rate or config.learning_rate,
@@ -32,11 +36,12 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
             optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
         else:
             optimizer = keras.optimizers.Adam(schedule)
-        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=steps_per_execution)
 
 
 def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,
-          callbacks=(), feature_cache=None, verbose=0):
+          callbacks=(), feature_cache=None, verbose=0, seconds=None):
     """Compiles and fits `model` on `data`, on cached prefix features when possible.
 
     Args:
@@ -46,6 +51,8 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         learning_rate: Overrides `config.learning_rate` (the retrain's phase 2).
         callbacks: Keras callbacks; a NaN guard is added.
         feature_cache: A `FeatureCache`, or None to train end to end.
+        seconds: Optional dict that receives where the time went ("features",
+            "trace", "train", "validate", "checkpoint", "tensorboard").
 
     Returns:
         (History, how it trained: "cached" or "end-to-end[: reason]").
@@ -59,7 +66,7 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         reason = why_not_cached(model, config, data, feature_cache)
         if reason is None:
             return fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks,
-                                   feature_cache, **fit), "cached"
+                                   feature_cache, seconds, **fit), "cached"
         mode = f"end-to-end: {reason}"
     compile_for_training(model, config, math.ceil(len(data.x_train) / batch_size), epochs - initial_epoch,
                          learning_rate)
@@ -69,8 +76,25 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         batch_size, shuffle_seed=seed, augmentation=config.augmentation,
     )
     val_ds = make_dataset(data.x_val, data.y_val, config.resolution, preprocess_input, batch_size)
-    history = model.fit(train_ds, validation_data=val_ds, callbacks=callbacks, **fit)
+    history = model.fit(train_ds, validation_data=val_ds, callbacks=timed(callbacks, seconds), **fit)
     return history, mode
+
+
+def timed(callbacks, seconds):
+    """`callbacks` with checkpoint and TensorBoard hooks timed into `seconds`, plus a
+    `TrialClock` (nothing changes when `seconds` is None)."""
+    if seconds is None:
+        return callbacks
+
+    def bucket(callback):
+        inner = callback.callback if isinstance(callback, AtomicCheckpoint) else callback
+        if isinstance(inner, SaveBestEpoch):
+            return "checkpoint"
+        if isinstance(callback, keras.callbacks.TensorBoard) or "hparams" in type(callback).__module__:
+            return "tensorboard"  # KerasTuner adds the HParams plugin's Keras callback per trial
+        return None
+
+    return [Timed(cb, seconds, bucket(cb)) if bucket(cb) else cb for cb in callbacks] + [TrialClock(seconds)]
 
 
 def why_not_cached(model, config, data, feature_cache):
@@ -87,7 +111,8 @@ def why_not_cached(model, config, data, feature_cache):
     return None
 
 
-def fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks, feature_cache, **fit):
+def fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks, feature_cache, seconds=None,
+                    **fit):
     """Trains `model`'s trainable top on the frozen prefix's cached activations.
 
     The top shares its weights with `model`, so `model` is trained too; checkpoints
@@ -102,14 +127,18 @@ def fit_on_features(model, config, data, batch_size, seed, learning_rate, callba
             preprocess_input=preprocess_input, data_key=f"{data.key}/{split}", batch_size=batch_size,
         )
 
+    started = time.perf_counter()
     train_features, val_features = features(data.x_train, "train"), features(data.x_val, "val")
+    if seconds is not None:
+        seconds["features"] = seconds.get("features", 0.0) + time.perf_counter() - started
     compile_for_training(top, config, math.ceil(len(train_features) / batch_size),
-                         fit["epochs"] - fit["initial_epoch"], learning_rate)
+                         fit["epochs"] - fit["initial_epoch"], learning_rate,
+                         steps_per_execution=CACHED_STEPS_PER_EXECUTION)
     callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]
     return top.fit(
         feature_batches(train_features, data.y_train, batch_size, seed),
         validation_data=feature_batches(val_features, data.y_val, batch_size),
-        callbacks=callbacks, **fit,
+        callbacks=timed(callbacks, seconds), **fit,
     )
 
 

@@ -130,3 +130,33 @@ def test_a_worker_refuses_overwrite_and_leaves_the_shared_run_dir_alone(finished
     assert after == before, f"the worker changed the shared run dir: {sorted(set(before) ^ set(after))[:10]}"
     assert result is not None, "the worker waited for an oracle instead of refusing --overwrite"
     assert_user_error(result, "--overwrite")
+
+
+def test_a_latency_limit_below_every_model_rejects_all_trials_untrained(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("search", *SMALL, "--max-latency-ms", "0.001", "--run-dir", run_dir)
+    assert_user_error(result, "every trial")
+    assert "rejected by the deployment limits before training" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    board = leaderboard(run_dir)
+    assert len(board) >= 2 and set(board["status"]) == {"REJECTED"}
+    assert (board["latency_ms"] > 0.001).all() and board["val_accuracy"].isna().all()
+    assert board["error"].str.startswith("REJECTED: latency").all()
+    # Nothing trained: no epoch ran, no checkpoint or feature cache was written.
+    assert (board["epochs"] == 0).all()
+    assert not list((run_dir / "tuner").rglob("*.weights.h5")) and not list(run_dir.glob("feature_cache/*"))
+
+
+def test_a_size_limit_trains_only_the_models_within_it(tmp_path):
+    """MobileNetV2 α 0.35 with the smoke head weighs ~2.2 MB in float32, α 0.5 ~3.3 MB."""
+    run_dir = tmp_path / "run"
+    result = run_cli("search", *SMALL, "--max-model-mb", "2.8", "--run-dir", run_dir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    board = leaderboard(run_dir)
+    trained, rejected = board[board["status"] == "COMPLETED"], board[board["status"] == "REJECTED"]
+    assert len(trained) and len(rejected), board
+    assert set(trained["backbone"]) == {"mobilenet_v2_0.35"} and set(rejected["backbone"]) == {"mobilenet_v2_0.5"}
+    assert (trained["model_mb"] <= 2.8).all() and (rejected["model_mb"] > 2.8).all()
+    assert (trained["train_s"] > 0).all() and (trained["train_s"] < trained["seconds"]).all()
+    assert rejected["error"].str.contains("--max-model-mb 2.8").all()
+    assert "rejected by the deployment limits" in result.stdout

@@ -74,12 +74,49 @@ def test_predict_on_a_folder_and_files_of_any_size(folder_job, tmp_path):
     assert len(result.stdout.strip().splitlines()) == len(rows)
 
 
+def test_tflite_exports_of_image_files_take_decoded_pixels_and_agree(folder_job, tmp_path):
+    root, run_dir, _ = folder_job
+    exports = json.loads((run_dir / "export" / "exports.json").read_text())
+    assert list(exports) == ["savedmodel", "tflite", "tflite-fp16", "tflite-int8"]
+    assert exports["savedmodel"]["input"] == "image_bytes"
+    assert {exports[f]["input"] for f in ("tflite", "tflite-fp16", "tflite-int8")} == {"pixels"}
+    assert abs(exports["tflite"]["drop_pp"]) <= 0.5  # a few dozen test files: one file is ~2 pp
+    classes = {}
+    for name in ("", "model.tflite", "model_int8.tflite"):
+        output = tmp_path / f"{name or 'savedmodel'}.csv"
+        result = run_cli("predict", "--model", run_dir / "export" / name, root / "circle", "--output", output)
+        assert result.returncode == 0, result.stderr
+        classes[name] = pd.read_csv(output)
+    saved = classes[""]
+    clear = saved["confidence"].to_numpy() >= 0.6
+    np.testing.assert_array_equal(classes["model.tflite"]["class_name"][clear], saved["class_name"][clear])
+    agreement = np.mean(classes["model_int8.tflite"]["class_name"] == saved["class_name"])
+    assert agreement >= 0.8, agreement
+
+
+def test_saved_model_cli_runs_the_export_on_a_real_jpeg(folder_job, tmp_path):
+    import subprocess
+
+    _, run_dir, _ = folder_job
+    photo = tmp_path / "photo.jpg"
+    Image.open(sample_photos()[0]).convert("RGB").resize((320, 240)).save(photo, quality=90)
+    np.save(tmp_path / "bytes.npy", np.array([photo.read_bytes()]))  # fixed-width bytes: no pickle needed
+    result = subprocess.run(
+        ["saved_model_cli", "run", "--dir", str(run_dir / "export"), "--tag_set", "serve",
+         "--signature_def", "serving_default", "--inputs", f"image_bytes={tmp_path / 'bytes.npy'}"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = [name for name in CLASSES if f"b'{name}'" in result.stdout]
+    assert len(names) == 1, result.stdout[-2000:]
+
+
 def test_a_resumed_run_reuses_the_image_store(folder_job):
     root, run_dir, _ = folder_job
     store = list((run_dir / "image_store").glob("*.u8"))
     assert len(store) == 1
     before = store[0].stat().st_mtime_ns
-    result = run_cli("export", "--run-dir", run_dir)
+    result = run_cli("export", "--run-dir", run_dir, "--formats", "savedmodel")
     assert result.returncode == 0, result.stderr
     assert "image store: reusing" in result.stdout
     assert store[0].stat().st_mtime_ns == before

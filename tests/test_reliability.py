@@ -190,6 +190,15 @@ def test_tensorboard_serves_the_searched_hparams_on_loopback_only(killed_and_res
         for row in trials.itertuples():
             assert shown[row.trial_id]["backbone"] == row.backbone
             assert shown[row.trial_id]["learning_rate"] == pytest.approx(row.learning_rate)
+        # Each trial's cost, training time and footprint are metric columns beside its accuracy.
+        metrics = {(m["name"]["group"], m["name"]["tag"]): m["value"] for g in groups if g["name"] == trials["trial_id"][0]
+                   for m in g["metricValues"]}
+        first = trials.iloc[0]
+        assert metrics[("trial", "trial/seconds")] == pytest.approx(first["seconds"], rel=1e-3)
+        assert metrics[("trial", "trial/train_seconds")] == pytest.approx(first["train_s"], rel=1e-3)
+        assert metrics[("trial", "deployment/latency_ms")] == pytest.approx(first["latency_ms"], rel=1e-3)
+        assert metrics[("trial", "deployment/model_mb")] == pytest.approx(first["model_mb"], rel=1e-3)
+        assert 0 < first["train_s"] < first["seconds"]
         # Listening on the loopback interface only, not on 0.0.0.0 / every interface.
         sockets = listening_sockets(process.pid)
         assert ("127.0.0.1", port) in sockets, sockets

@@ -4,6 +4,7 @@ import json
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 from PIL import Image
@@ -322,3 +323,124 @@ def test_whole_job_on_a_dataset_that_is_not_fashion_mnist(tmp_path):
     out = serve(images=tf.constant(images))
     assert out["probabilities"].shape == (3, 3)
     assert {n.decode() for n in out["class_name"].numpy()} <= {"horizontal bar", "vertical bar", "ring"}
+
+
+FORMATS = ["savedmodel", "tflite", "tflite-fp16", "tflite-int8"]
+TFLITE_FILES = {"tflite": "model.tflite", "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite"}
+
+
+def litert_accuracy(path, images, labels):
+    """Test accuracy of a .tflite file, run here on the LiteRT interpreter directly."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    (source,) = interpreter.get_input_details()
+    (output,) = interpreter.get_output_details()
+    assert source["dtype"] == np.uint8 and list(source["shape_signature"]) == [-1, 28, 28]
+    predicted = []
+    for start in range(0, len(images), 500):
+        batch = images[start : start + 500]
+        interpreter.resize_tensor_input(source["index"], batch.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(source["index"], batch)
+        interpreter.invoke()
+        predicted.append(interpreter.get_tensor(output["index"]).argmax(axis=1))
+    return float(np.mean(np.concatenate(predicted) == labels))
+
+
+def test_every_format_is_exported_and_scored_by_its_own_runtime(job):
+    import hashlib
+
+    run_dir, result = job
+    exports = json.loads((run_dir / "export" / "exports.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert list(exports) == FORMATS and metrics["exports"] == exports
+    dataset = load_dataset()
+    for fmt, name in TFLITE_FILES.items():
+        path = run_dir / "export" / name
+        record = exports[fmt]
+        assert record["path"] == str(path) and record["size_kb"] == pytest.approx(path.stat().st_size / 1024, abs=0.1)
+        assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert record["test_accuracy"] == pytest.approx(litert_accuracy(path, dataset.x_test, dataset.y_test), abs=1e-9)
+    serve = tf.saved_model.load(str(run_dir / "export")).signatures["serving_default"]
+    class_ids = np.concatenate([serve(images=tf.constant(dataset.x_test[i : i + 1000]))["class_id"].numpy()
+                                for i in range(0, 10000, 1000)])
+    assert exports["savedmodel"]["test_accuracy"] == pytest.approx(np.mean(class_ids == dataset.y_test), abs=1e-9)
+    for fmt, record in exports.items():
+        assert record["drop_pp"] == pytest.approx((metrics["test_accuracy"] - record["test_accuracy"]) * 100, abs=1e-3)
+        for threads in ("1_thread", "all_threads"):
+            assert 0 < record[f"latency_ms_p50_{threads}"] <= record[f"latency_ms_p95_{threads}"]
+        assert record["status"] == ("rejected" if record["drop_pp"] > 1.0 else "ok"), record
+        assert f"  {fmt} " in result.stdout
+    # Float conversions keep the Keras model's accuracy; float16 and int8 shrink the file.
+    assert abs(exports["tflite"]["drop_pp"]) <= 0.05 and abs(exports["tflite-fp16"]["drop_pp"]) <= 0.1
+    assert exports["tflite-fp16"]["size_kb"] < 0.6 * exports["tflite"]["size_kb"]
+    assert exports["tflite-int8"]["size_kb"] < 0.4 * exports["tflite"]["size_kb"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Exported artifacts" in report and "model_int8.tflite" in report
+    assert (run_dir / "accuracy_vs_latency.png").is_file()
+
+
+def test_int8_is_fully_integer_with_raw_uint8_input(job):
+    from ai_edge_litert.interpreter import Interpreter
+
+    run_dir, _ = job
+    interpreter = Interpreter(model_path=str(run_dir / "export" / "model_int8.tflite"))
+    convolutions = [op for op in interpreter._get_ops_details() if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert convolutions
+    dtypes = {d["index"]: d["dtype"] for d in interpreter.get_tensor_details()}
+    for op in convolutions:
+        assert dtypes[op["inputs"][0]] == np.int8 and dtypes[op["inputs"][1]] == np.int8, op
+
+
+def test_int8_calibrated_on_constant_images_is_marked_rejected(job, tmp_path):
+    """A broken conversion is still written but marked rejected, with its drop."""
+    import shutil
+
+    from tuning.export import export
+    from tuning.run_dir import read_config
+    from tuning.settings import Settings
+
+    run_dir, _ = job
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.json", "best_hparams.json", "metrics.json", "model.keras"):
+        shutil.copy(run_dir / name, copy / name)
+    settings = Settings.from_dict({**read_config(copy)["settings"], "formats": ("tflite-int8",)})
+    constant = np.full((64, 28, 28), 255, dtype=np.uint8)
+    records = export(copy, settings, load_dataset(), log=lambda _: None, calibration=constant)
+    record = records["tflite-int8"]
+    assert (copy / "export" / "model_int8.tflite").is_file()
+    assert record["status"] == "rejected" and record["drop_pp"] > 1.0, record
+    assert f"accuracy drop {record['drop_pp']:.2f} pp" in record["rejected_because"]
+    saved = json.loads((copy / "metrics.json").read_text())["exports"]["tflite-int8"]
+    assert saved["status"] == "rejected"
+
+
+def test_predict_runs_every_artifact_with_the_same_output(job, tmp_path):
+    run_dir, _ = job
+    dataset = load_dataset()
+    np.save(tmp_path / "x.npy", dataset.x_test[:1000])
+    truth = dataset.y_test[:1000]
+    exports = json.loads((run_dir / "export" / "exports.json").read_text())
+    predicted = {}
+    for fmt in FORMATS:
+        model = run_dir / "export" / TFLITE_FILES.get(fmt, "")
+        output = tmp_path / f"{fmt}.csv"
+        result = run_cli("predict", "--model", model, tmp_path / "x.npy", "--output", output)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "XNNPACK" not in result.stdout + result.stderr
+        rows = pd.read_csv(output)
+        assert list(rows["input"][:2]) == [f"{tmp_path / 'x.npy'}[0]", f"{tmp_path / 'x.npy'}[1]"]
+        predicted[fmt] = rows["class_name"].map(dataset.class_names.index).to_numpy()
+        if fmt == "savedmodel":
+            clear = rows["confidence"].to_numpy() >= 0.6
+    # Float artifacts: the same class wherever the model is not torn between two
+    # (float16 rounding may flip a near tie).
+    assert clear.mean() > 0.8
+    for fmt in ("tflite", "tflite-fp16"):
+        np.testing.assert_array_equal(predicted[fmt][clear], predicted["savedmodel"][clear])
+        assert np.mean(predicted[fmt] == predicted["savedmodel"]) >= 0.995, fmt
+    accuracy = {fmt: np.mean(p == truth) for fmt, p in predicted.items()}
+    allowed = max(exports["tflite-int8"]["drop_pp"], 0) / 100 + 0.015  # its measured drop, and 1000-image noise
+    assert accuracy["tflite-int8"] >= accuracy["savedmodel"] - allowed, (accuracy, exports["tflite-int8"])

@@ -321,3 +321,26 @@ def test_a_completed_trial_resets_the_consecutive_failure_count(budgeted_oracle)
     assert oracle.populate_space("99")["status"] == "RUNNING"
     end_trials(oracle, ["FAILED"])
     assert oracle.stop_reason
+
+
+# hide_failed_trial_tracebacks --------------------------------------------------------
+
+
+class FailingHyperModel(TinyHyperModel):
+    def fit(self, hp, model, *args, **kwargs):
+        raise kt.errors.FailedTrialError("this trial cannot run")
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_keras_tuner_prints_failed_trial_tracebacks_unless_hidden(tmp_path, capsys, monkeypatch, hidden):
+    from keras_tuner.src import config as kt_config
+
+    monkeypatch.setattr(kt_config, "DEBUG", kt_config.DEBUG)  # restored after the test
+    if hidden:
+        shims.hide_failed_trial_tracebacks()
+    tuner = kt.RandomSearch(FailingHyperModel(), objective="val_loss", max_trials=1, directory=str(tmp_path),
+                            project_name="p", max_consecutive_failed_trials=None)
+    search_tiny(tuner, epochs=1)
+    assert tuner.oracle.trials[next(iter(tuner.oracle.trials))].status == "FAILED"
+    printed = capsys.readouterr()
+    assert ("this trial cannot run" in printed.out + printed.err) is not hidden

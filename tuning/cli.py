@@ -20,7 +20,7 @@ COMMANDS = {
     "data": "load, validate and summarise a dataset",
     "search": "run or resume the hyperparameter search",
     "retrain": "two-phase retrain of the best configuration, then the test evaluation",
-    "export": "export the retrained model as a SavedModel",
+    "export": "export the retrained model (SavedModel, LiteRT float32/float16/int8), each scored on the test split",
     "report": "write report.md and plots",
     "predict": "classify images with an exported model",
     "tensorboard": "serve the run's TensorBoard (with HParams) on 127.0.0.1",
@@ -28,7 +28,7 @@ COMMANDS = {
 # Options of one command that are not run settings: (dest, flag, argparse keywords).
 COMMAND_OPTIONS = {
     "predict": (
-        ("model", "--model", dict(required=True, help="an export/ directory (SavedModel)")),
+        ("model", "--model", dict(required=True, help="an export/ directory (SavedModel) or a .tflite file")),
         ("output", "--output", dict(help="also write the predictions to this CSV")),
     ),
     "tensorboard": (
@@ -205,11 +205,11 @@ def dispatch(invocation):
     if command == "tensorboard":
         return jobs.tensorboard(existing_run_dir(options), options.get("host", "127.0.0.1"),
                                 options.get("port", 6006))
-    if command in ("export", "report"):
-        return getattr(jobs, command)(existing_run_dir(options))
-    if command == "retrain":
+    if command == "report":
+        return jobs.report(existing_run_dir(options))
+    if command in ("export", "retrain"):
         overrides = {k: v for k, v in options.items() if k != "run_dir"}
-        return jobs.retrain(existing_run_dir(options), overrides)
+        return getattr(jobs, command)(existing_run_dir(options), overrides)
     settings = resolve_settings(options)
     run = jobs.search if command == "search" else jobs.whole_job
     return run(settings, explicit=tuple(options))

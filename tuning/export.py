@@ -1,31 +1,53 @@
-"""Export: a SavedModel that takes what the user has, checked against the Keras model.
+"""Export: the SavedModel and LiteRT (.tflite) files, each scored by its own runtime.
 
-The `serving_default` signature takes, for array datasets, `images` uint8
-[batch, 28, 28]; for image-file datasets, `image_bytes` string [batch] of encoded
-PNG/JPEG/BMP/GIF files (TensorFlow Serving's convention for images), decoded and
-fitted to the storage size inside (data_pipeline/images.py). Either way it does the
-RGB conversion, resize and the backbone's preprocessing inside (the same
-`prepare_images` the training pipeline uses), so a server needs nothing from this
-project. When the retrain found flip test-time augmentation to help on validation,
-the signature averages each image's prediction with its mirror's. It returns
-`probabilities` float32 [batch, K], `class_id` int64 [batch]
-and `class_name` string [batch].
+Formats (`--formats`, default all):
+    savedmodel   `export/` itself (TF Serving, `saved_model_cli`, `tf.saved_model.load`);
+    tflite       `export/model.tflite`, float32;
+    tflite-fp16  `export/model_fp16.tflite`, float16 weights (half the size);
+    tflite-int8  `export/model_int8.tflite`, full-integer: weights and activations int8,
+                 calibrated on training images (never test images).
+Every artifact takes the user's raw pixels and does the backbone's preprocessing (and
+the flip test-time augmentation when the retrain kept it) inside. The SavedModel's
+`serving_default` takes, for array datasets, `images` uint8 [batch, 28, 28]; for
+image-file datasets, `image_bytes` string [batch] of encoded PNG/JPEG/BMP/GIF files
+(TensorFlow Serving's convention), decoded and letterboxed inside
+(data_pipeline/images.py). It returns `probabilities` float32 [batch, K], `class_id`
+int64 [batch] and `class_name` string [batch]. A `.tflite` file returns `probabilities`;
+it takes `images` like the SavedModel, or for image files `pixels` uint8
+[batch, S, S, 3] (the files decoded and letterboxed to the store's side S: LiteRT has
+no image decoder); class names are in `labels.txt`.
+
+Each artifact is then scored on the whole test split through its own runtime
+(tuning/runtimes.py): accuracy, drop against the Keras model, size, sha256 and
+single-image latency (p50/p95, 1 thread and all threads, each timed in a fresh
+process). One that drops more than `max_accuracy_drop` pp, or breaks
+`max_latency_ms` / `max_model_mb`, is still written but marked rejected with the
+figure in `export/exports.json`, `metrics.json` and the command's output.
 """
 
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from common import atomic
+from common import atomic, native_output
 from common.errors import UsageError
 from data_pipeline.images import decode_batch
 from data_pipeline.pipeline import prepare_images
 from hypermodel.backbones import get_backbone
+from hypermodel.footprint import Footprint, Limits
+from tuning import runtimes
 from tuning.retrain import flip_images, read_best
 
+TFLITE_FILES = {"tflite": "model.tflite", "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite"}
+EXPORTS_FILE = "exports.json"
+CALIBRATION_IMAGES = 300
+TEST_CHUNK = 512
 PARITY_IMAGES = 512
 PARITY_TOLERANCE = 1e-5
 
@@ -42,12 +64,16 @@ def load_trained_model(run_dir):
 
 
 def predict_probabilities(model, images, tta=False):
-    """The model's float32 probabilities for preprocessed images, flip-averaged if `tta`."""
-    probabilities = tf.cast(model(images, training=False), tf.float32)
-    if tta:
-        flipped = tf.cast(model(flip_images(images), training=False), tf.float32)
-        probabilities = (probabilities + flipped) / 2
-    return probabilities
+    """The model's float32 probabilities for preprocessed images, flip-averaged if `tta`.
+
+    With `tta` the images and their mirrors go through the model as one batch, so a
+    converted graph holds the model once (a quantised copy per branch would double it).
+    """
+    if not tta:
+        return tf.cast(model(images, training=False), tf.float32)
+    count = tf.shape(images)[0]
+    both = tf.cast(model(tf.concat([images, flip_images(images)], axis=0), training=False), tf.float32)
+    return (both[:count] + both[count:]) / 2
 
 
 def model_inputs(raw, resolution, preprocess_input, storage_size=None):
@@ -87,36 +113,206 @@ def parity_inputs(dataset):
     return np.array([f.path.read_bytes() for f in dataset.files.split("test")[:PARITY_IMAGES]], dtype=object)
 
 
-def export(run_dir, settings, dataset, log=print):
-    """Writes `run_dir/export/` atomically, after a parity check on the reloaded copy.
+def tflite_function(model, resolution, preprocess_input, tta=False, pixel_size=None):
+    """The raw pixels → {probabilities} function the `.tflite` files are converted from.
+
+    Args:
+        pixel_size: For image-file datasets: S of the `pixels` uint8 [batch, S, S, 3]
+            input; else the input is `images` uint8 [batch, 28, 28].
+    """
+    if pixel_size is None:
+        spec = tf.TensorSpec([None, 28, 28], tf.uint8, name="images")
+    else:
+        spec = tf.TensorSpec([None, pixel_size, pixel_size, 3], tf.uint8, name="pixels")
+
+    def serve(raw):
+        return {"probabilities": predict_probabilities(model, prepare_images(raw, resolution, preprocess_input), tta)}
+
+    return tf.function(serve, input_signature=[spec])
+
+
+def convert(saved_model_dir, fmt, calibration=None):
+    """A SavedModel (one signature, uint8 input) → `.tflite` bytes in format `fmt`.
+
+    Args:
+        calibration: uint8 raw inputs for `tflite-int8`'s activation ranges.
+    """
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    if fmt == "tflite-fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif fmt == "tflite-int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([calibration[i : i + 1]] for i in range(len(calibration)))
+        # Integer kernels only: a graph that needs a float fallback fails here, not on a device.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif fmt != "tflite":
+        raise ValueError(f"format {fmt!r} is not one of {', '.join(TFLITE_FILES)}")
+    with native_output.silenced():  # the converter's C++ progress notes
+        return converter.convert()
+
+
+def calibration_inputs(dataset, count=CALIBRATION_IMAGES, seed=0):
+    """`count` training images (random, seeded) as a `.tflite` file takes them."""
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(dataset.x_train), size=min(count, len(dataset.x_train)), replace=False))
+    return np.asarray(dataset.x_train[picked])
+
+
+def test_inputs(dataset, input_kind):
+    """Yields (raw inputs, labels) chunks of the test split for an artifact's `input_kind`."""
+    for start in range(0, len(dataset.y_test), TEST_CHUNK):
+        stop = start + TEST_CHUNK
+        if input_kind == "image_bytes":
+            raw = np.array([f.path.read_bytes() for f in dataset.files.split("test")[start:stop]], dtype=object)
+        else:  # uint8 arrays, or the store's decoded, letterboxed test images
+            raw = np.asarray(dataset.x_test[start:stop])
+        yield raw, dataset.y_test[start:stop]
+
+
+def export(run_dir, settings, dataset, log=print, calibration=None):
+    """Writes `run_dir/export/` atomically: the chosen formats, each scored on the test split.
+
+    Args:
+        settings: The run's `Settings` (`formats`, `max_accuracy_drop`, `max_latency_ms`,
+            `max_model_mb`, `storage_size`).
+        dataset: The run's `Dataset`.
+        calibration: Raw inputs calibrating `tflite-int8` (default: training images).
 
     Returns:
-        The parity record, also stored in metrics.json under "export".
+        {format: record} as in `export/exports.json`, also in metrics.json under "exports".
     """
     run_dir = Path(run_dir)
     _, config = read_best(run_dir)
     model = load_trained_model(run_dir)
-    backbone = get_backbone(config.backbone)
+    preprocess_input = get_backbone(config.backbone).preprocess_input
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     tta = bool(metrics.get("tta", {}).get("used"))  # decided on validation by the retrain
     storage_size = settings.storage_size if dataset.files is not None else None
-    serve = serving_function(model, config.resolution, backbone.preprocess_input, dataset.class_names, tta,
-                             storage_size)
+    paths = {}
+    with atomic.directory(run_dir / "export") as tmp:
+        if "savedmodel" in settings.formats:
+            serve = serving_function(model, config.resolution, preprocess_input, dataset.class_names, tta,
+                                     storage_size)
+            _write_saved_model(model, serve, tmp)
+            parity = check_parity(tmp, model, parity_inputs(dataset), config.resolution, preprocess_input, tta,
+                                  storage_size)
+            if not parity["passed"]:
+                raise ParityError(f"exported model disagrees with the trained one: {parity}")
+            metrics["export"] = {"dir": str(run_dir / "export"), "flip_tta": tta, **parity}
+            log(f"exported the SavedModel (parity on {parity['images']} images: max |Δp| "
+                f"{parity['max_abs_diff']:.2e}, same classes: {parity['same_classes']})")
+            paths["savedmodel"] = tmp
+        tflite_formats = [f for f in settings.formats if f in TFLITE_FILES]
+        if tflite_formats:
+            if calibration is None and "tflite-int8" in tflite_formats:
+                calibration = calibration_inputs(dataset, seed=settings.seed)
+            with tempfile.TemporaryDirectory() as source:
+                _write_saved_model(model, tflite_function(model, config.resolution, preprocess_input, tta,
+                                                          storage_size), source)
+                for fmt in tflite_formats:
+                    paths[fmt] = tmp / TFLITE_FILES[fmt]
+                    paths[fmt].write_bytes(convert(source, fmt, calibration))
+        atomic.write_text(tmp / runtimes.LABELS_FILE, "".join(f"{name}\n" for name in dataset.class_names))
+        records = score_artifacts(paths, dataset, metrics.get("test_accuracy"), settings, log)
+        atomic.write_json(tmp / EXPORTS_FILE, {fmt: {**r, "path": str(run_dir / "export" / Path(r["path"]).relative_to(tmp))}
+                                               for fmt, r in records.items()})
+    records = json.loads((run_dir / "export" / EXPORTS_FILE).read_text())
+    metrics["exports"] = records
+    atomic.write_json(metrics_path, metrics)
+    return records
+
+
+def _write_saved_model(model, function, directory):
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", serve)
-    with atomic.directory(run_dir / "export") as tmp:
-        archive.write_out(str(tmp), verbose=False)
-        parity = check_parity(tmp, model, parity_inputs(dataset), config.resolution, backbone.preprocess_input,
-                              tta, storage_size)
-        if not parity["passed"]:
-            raise ParityError(f"exported model disagrees with the trained one: {parity}")
-    metrics["export"] = {"dir": str(run_dir / "export"), "flip_tta": tta, **parity}
-    atomic.write_json(metrics_path, metrics)
-    log(f"exported {run_dir / 'export'} (parity on {parity['images']} images: max |Δp| "
-        f"{parity['max_abs_diff']:.2e}, same classes: {parity['same_classes']})")
-    return parity
+    archive.add_endpoint("serving_default", function)
+    archive.write_out(str(directory), verbose=False)
+
+
+def score_artifacts(paths, dataset, keras_accuracy, settings, log=print):
+    """{format: record}: each artifact's accuracy through its own runtime, size, sha256,
+    latency and whether it passes the run's limits.
+
+    Args:
+        paths: {format: the artifact's path}.
+        keras_accuracy: The trained Keras model's test accuracy (the drop's reference).
+    """
+    artifacts = {fmt: runtimes.load(path) for fmt, path in paths.items()}
+    one = {}
+    records = {}
+    for fmt, artifact in artifacts.items():
+        correct = total = 0
+        for raw, labels in test_inputs(dataset, artifact.input_kind):
+            predicted = artifact.predict_all(raw).argmax(axis=1)
+            correct += int(np.sum(predicted == labels))
+            total += len(labels)
+            one.setdefault(artifact.input_kind, raw[:1])
+        accuracy = correct / total
+        drop = None if keras_accuracy is None else round((keras_accuracy - accuracy) * 100, 3)
+        records[fmt] = {
+            "format": fmt, "path": str(paths[fmt]), "input": artifact.input_kind,
+            "sha256": _sha256(paths[fmt]), "size_kb": round(_size_bytes(paths[fmt]) / 1024, 1),
+            "test_accuracy": accuracy, "drop_pp": drop,
+        }
+    threads = {"1_thread": 1, "all_threads": os.cpu_count()}
+    for label, count in threads.items():
+        # One fresh process per thread count; each artifact gets the input it takes.
+        for kind in {a.input_kind for a in artifacts.values()}:
+            chosen = [fmt for fmt, a in artifacts.items() if a.input_kind == kind]
+            timed = runtimes.time_in_fresh_process([paths[f] for f in chosen], one[kind][0], count)
+            for fmt in chosen:
+                p50, p95 = timed[str(paths[fmt])]
+                records[fmt][f"latency_ms_p50_{label}"] = round(p50, 3)
+                records[fmt][f"latency_ms_p95_{label}"] = round(p95, 3)
+    for fmt, record in records.items():
+        record["latency_ms_p50"] = record["latency_ms_p50_all_threads"]
+        record["latency_ms_p95"] = record["latency_ms_p95_all_threads"]
+        problems = limit_violations(record, settings)
+        record["status"] = "rejected" if problems else "ok"
+        record["rejected_because"] = "; ".join(problems)
+        log(f"  {fmt:<12} {record['size_kb']:>9.1f} KB  test accuracy {record['test_accuracy']:.4f} "
+            f"(drop {record['drop_pp'] if record['drop_pp'] is not None else float('nan'):+.2f} pp)  "
+            f"latency p50 {record['latency_ms_p50_1_thread']:.2f} ms (1 thread), "
+            f"{record['latency_ms_p50_all_threads']:.2f} ms (all)  "
+            + ("OK" if not problems else f"REJECTED: {record['rejected_because']}"))
+    return records
+
+
+def limit_violations(record, settings):
+    """What makes an artifact unfit to ship, as readable reasons (empty: none)."""
+    problems = []
+    if record["drop_pp"] is not None and record["drop_pp"] > settings.max_accuracy_drop:
+        problems.append(f"accuracy drop {record['drop_pp']:.2f} pp > --max-accuracy-drop {settings.max_accuracy_drop:g}")
+    # The search's limits, on the artifact's own latency (all threads) and file size.
+    limits = Limits(settings.max_latency_ms, settings.max_model_mb)
+    return problems + limits.violations(Footprint(record["latency_ms_p50"], record["size_kb"] / 1024))
+
+
+def _model_files(path):
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    # The SavedModel's own files (the directory also holds the other artifacts).
+    return sorted([path / "saved_model.pb", path / "fingerprint.pb"] + list((path / "variables").rglob("*"))
+                  + list((path / "assets").rglob("*")), key=str)
+
+
+def _size_bytes(path):
+    return sum(f.stat().st_size for f in _model_files(path) if f.is_file())
+
+
+def _sha256(path):
+    """Of the file; of a SavedModel, over its files' relative names and contents."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for f in _model_files(path):
+        if f.is_file():
+            if root.is_dir():
+                digest.update(str(f.relative_to(root)).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 def check_parity(export_dir, model, raw, resolution, preprocess_input, tta=False, storage_size=None):

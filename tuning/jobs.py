@@ -217,19 +217,33 @@ def search(settings, explicit=(), source=None):
     _record_stage(run_dir, "search", time.time() - started)
     if result["stopped_by_budget"]:
         log("time budget reached: search stopped cleanly; rerun the same command to continue it")
-    log(f"{result['trials']} trials ({result['completed']} completed). Top {TOP_N}:")
-    from tuning.leaderboard import top
+    frame = result["leaderboard"]
+    rejected = int((frame["status"] == "REJECTED").sum())
+    log(f"{result['trials']} trials ({result['completed']} completed"
+        + (f", {rejected} rejected by the deployment limits" if rejected else "") + ")"
+        + (f". Top {TOP_N}:" if result["completed"] else ""))
+    if result["completed"]:
+        from tuning.leaderboard import top
 
-    log(top(result["leaderboard"], TOP_N).to_string(index=False, columns=[
-        "trial_id", "backbone", "resolution", "unfrozen_blocks", "dense_units", "dropout",
-        "learning_rate", "lr_schedule", "val_accuracy", "epochs", "seconds"]))
+        log(top(frame, TOP_N).to_string(index=False, columns=[
+            "trial_id", "backbone", "resolution", "unfrozen_blocks", "dense_units", "dropout",
+            "learning_rate", "lr_schedule", "val_accuracy", "epochs", "train_s", "seconds", "latency_ms"]))
     if result["best"] is None:
-        raise NoCompletedTrial(
-            f"the search completed no trial ({result['trials']} ended, all failed or stopped): their errors are "
-            f"in {run_dir / 'leaderboard.csv'}; try a lower --learning-rate range, a longer --time-budget "
-            "or the smoke profile"
-        )
+        raise NoCompletedTrial(no_trial_message(result["leaderboard"], run_dir))
     return 0
+
+
+def no_trial_message(frame, run_dir):
+    """Why the search has nothing to retrain, in one line."""
+    rejected = frame[frame["status"] == "REJECTED"]
+    if len(rejected) and len(rejected) == len(frame):
+        fastest, smallest = rejected["latency_ms"].min(), rejected["model_mb"].min()
+        return (f"every trial ({len(frame)}) was rejected by the deployment limits before training: fastest model "
+                f"measured {fastest:.2f} ms, smallest {smallest:.2f} MB; raise --max-latency-ms / --max-model-mb "
+                "or search smaller backbones or resolutions")
+    return (f"the search completed no trial ({len(frame)} ended, all failed, rejected or stopped): their errors are "
+            f"in {Path(run_dir) / 'leaderboard.csv'}; try a lower --learning-rate range, a longer --time-budget "
+            "or the smoke profile")
 
 
 def _record_stage(run_dir, stage, seconds):
@@ -297,12 +311,16 @@ def retrain(run_dir, overrides=None, deadline=None, source=None):
     return 0
 
 
-def export(run_dir, source=None):
-    """`search.py export`: SavedModel with a raw-uint8 signature, parity-checked."""
+def export(run_dir, overrides=None, source=None):
+    """`search.py export`: the chosen formats, each scored on the test split.
+
+    Args:
+        overrides: {setting: value} given on the command line (formats, limits).
+    """
     from tuning.export import export as export_model
 
     _check_run(run_dir)
-    settings, dataset, _ = _reopen(run_dir, source=source)
+    settings, dataset, _ = _reopen(run_dir, overrides, source)
     started = time.time()
     export_model(run_dir, settings, dataset, log=log)
     _record_stage(run_dir, "export", time.time() - started)
@@ -346,7 +364,7 @@ def whole_job(settings, explicit=()):
     run_dir = Path(settings.run_dir)
     deadline = started + settings.job_time_budget_s if settings.job_time_budget_s else None
     retrain(run_dir, deadline=deadline, source=source)
-    export(run_dir, source)
+    export(run_dir, source=source)
     report(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     log(f"done in {(time.time() - started) / 60:.1f} min: test accuracy {metrics['test_accuracy']:.4f}; "

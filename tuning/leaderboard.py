@@ -3,7 +3,9 @@
 The sources are KerasTuner's own `tuner/trial_*/trial.json` (status, hyperparameters,
 score; written by the oracle, the chief in distributed mode) and this tool's
 `trials/<trial_id>.json` (worker, seconds, epochs, error; written by whichever
-process ran the trial). Any process can therefore rebuild both files at any time,
+process ran the trial). A trial rejected by a deployment limit before training is
+FAILED for KerasTuner and `REJECTED` here, with the figure that rejected it.
+`seconds` is what a trial cost; `train_s` the part spent fitting. Any process can therefore rebuild both files at any time,
 and every rewrite is atomic.
 """
 
@@ -17,7 +19,7 @@ from common import atomic
 COLUMNS = [
     "trial_id", "status", "worker", "backbone", "resolution", "unfrozen_blocks", "pooling",
     "dense_units", "dropout", "learning_rate", "lr_schedule", "val_accuracy", "epochs",
-    "seconds", "error",
+    "train_s", "seconds", "latency_ms", "model_mb", "error",
 ]
 EXTRA_COLUMNS = ["optimizer", "warmup_epochs", "augmentation", "fit_mode", "bracket", "round", "best_epoch"]
 ENDED = ("COMPLETED", "FAILED", "INVALID")
@@ -40,12 +42,15 @@ def trial_records(run_dir):
         row = {k: values.get(k) for k in COLUMNS + EXTRA_COLUMNS if k in values}
         row.update(
             trial_id=trial["trial_id"],
-            status=trial["status"],
+            status="REJECTED" if record.get("rejected") else trial["status"],
             worker=record.get("worker", ""),
             val_accuracy=trial.get("score") if completed else None,
             epochs=record.get("epochs"),
             seconds=record.get("seconds"),
-            error="" if completed else _last_line(trial.get("message") or record.get("error", "")),
+            train_s=record.get("train_seconds"),
+            latency_ms=record.get("latency_ms"),
+            model_mb=record.get("model_mb"),
+            error="" if completed else record.get("rejected") or _last_line(trial.get("message") or record.get("error", "")),
             fit_mode=record.get("fit_mode", ""),
             bracket=values.get("tuner/bracket"),
             round=values.get("tuner/round"),

@@ -1,10 +1,13 @@
-"""`search.py predict`: classify images with an exported SavedModel (no project code needed
-by the model itself; this is just a convenient client).
+"""`search.py predict`: classify images with any exported artifact (no project code needed
+by the models themselves; this is just a convenient client).
 
-Models exported from image files take `image_bytes`: any PNG/JPEG/BMP/GIF file, or a
-folder of them, is sent as its bytes. Models exported from 28×28 arrays take `images`:
-image files are converted to grayscale 28×28, and IDX/CSV/NPY files of such arrays
-are read as they are. Every input is checked before the model is loaded.
+`--model` is a SavedModel directory (`export/`) or a `.tflite` file; each runs on its
+own runtime (tuning/runtimes.py), and all print the same lines. Models exported from
+image files take PNG/JPEG/BMP/GIF files, or folders of them (the SavedModel gets their
+bytes; a `.tflite` file gets them decoded and letterboxed as in training). Models
+exported from 28×28 arrays take `images`: image files are converted to grayscale
+28×28, and IDX/CSV/NPY files of such arrays are read as they are. Every input is
+checked before the model is loaded.
 """
 
 import csv
@@ -89,29 +92,10 @@ def as_gray_28(path):
         return np.asarray(image.convert("L").resize((28, 28), Image.BILINEAR), dtype=np.uint8)[np.newaxis]
 
 
-def load_serving(model_dir):
-    """The exported `serving_default` signature and its input name, after checking it is one of ours."""
-    import tensorflow as tf
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "saved_model.pb").is_file():
-        raise DataError(model_dir, "not a SavedModel directory (no saved_model.pb): pass a run's export/")
-    try:
-        serve = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-    except (KeyError, OSError, ValueError) as e:
-        raise DataError(model_dir, f"unreadable SavedModel ({e})") from None
-    inputs = serve.structured_input_signature[1]
-    if "image_bytes" in inputs and inputs["image_bytes"].dtype == tf.string:
-        return serve, "image_bytes"
-    if "images" in inputs and inputs["images"].dtype == tf.uint8:
-        return serve, "images"
-    raise DataError(model_dir, "serving_default takes neither `images` nor `image_bytes`: not exported by this tool")
-
-
-def model_batches(files, input_name):
-    """(names, inputs) per file for the model's input kind."""
+def model_batches(files, input_kind):
+    """(names, raw inputs) per file for the model's input kind (raw: see `runtimes.as_inputs`)."""
     for path in files:
-        if input_name == "image_bytes":
+        if input_kind in ("image_bytes", "pixels"):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise DataError(path, "this model was trained on image files: give PNG, JPEG, BMP or GIF files")
             yield [str(path)], np.array([path.read_bytes()], dtype=object)
@@ -132,21 +116,19 @@ def predict(model_dir, paths, output=None, log=print, before_model=None):
     check_inputs(files)
     if before_model is not None:
         before_model()
-    import tensorflow as tf
+    from tuning import runtimes
 
-    serve, input_name = load_serving(model_dir)
+    artifact = runtimes.load(model_dir)
     names, inputs = [], []
-    for batch_names, batch in model_batches(files, input_name):
+    for batch_names, batch in model_batches(files, artifact.input_kind):
         names += batch_names
         inputs.append(batch)
-    inputs = np.concatenate(inputs)
-    rows = []
-    for start in range(0, len(inputs), 256):
-        out = serve(**{input_name: tf.constant(inputs[start : start + 256])})
-        for i, (name, confidence) in enumerate(
-            zip(out["class_name"].numpy(), out["probabilities"].numpy().max(axis=1))
-        ):
-            rows.append({"input": names[start + i], "class_name": name.decode(), "confidence": float(confidence)})
+    inputs = runtimes.as_inputs(artifact, np.concatenate(inputs))
+    probabilities = artifact.predict_all(inputs)
+    rows = [
+        {"input": name, "class_name": artifact.class_names[k], "confidence": float(p[k])}
+        for name, p, k in zip(names, probabilities, probabilities.argmax(axis=1))
+    ]
     width = max(len(r["input"]) for r in rows)
     for r in rows:
         log(f"{r['input']:<{width}}  {r['class_name']:<14} {r['confidence']:.4f}")

@@ -11,8 +11,11 @@ from common import atomic
 
 LEADERBOARD_COLUMNS = [
     "trial_id", "backbone", "resolution", "unfrozen_blocks", "pooling", "dense_units", "dropout",
-    "learning_rate", "lr_schedule", "augmentation", "val_accuracy", "epochs", "seconds", "fit_mode",
+    "learning_rate", "lr_schedule", "augmentation", "val_accuracy", "epochs", "train_s", "seconds",
+    "latency_ms", "model_mb", "fit_mode",
 ]
+EXPORT_COLUMNS = ["format", "file", "size_kb", "test_accuracy", "drop_pp", "latency_ms_p50_1_thread",
+                  "latency_ms_p95_1_thread", "latency_ms_p50_all_threads", "latency_ms_p95_all_threads", "status"]
 
 
 def write_report(run_dir, log=print):
@@ -60,10 +63,15 @@ def write_report(run_dir, log=print):
     if len(board):
         done = board[board["status"] == "COMPLETED"].sort_values("val_accuracy", ascending=False).head(10)
         lines += [markdown_table(done, [c for c in LEADERBOARD_COLUMNS if c in done.columns]), ""]
-        failed = board[board["status"] != "COMPLETED"]
-        if len(failed):
-            lines += [f"{len(failed)} trial(s) failed: " + "; ".join(
-                f"{r.trial_id}: {r.error}" for r in failed.itertuples()), ""]
+        for status, verb in (("FAILED", "failed"), ("REJECTED", "were rejected before training")):
+            ended = board[board["status"] == status]
+            if len(ended):
+                lines += [f"{len(ended)} trial(s) {verb}: " + "; ".join(
+                    f"{r.trial_id}: {r.error}" for r in ended.itertuples()), ""]
+        if plot_accuracy_vs_latency(board, run_dir / "accuracy_vs_latency.png"):
+            lines += ["Validation accuracy against single-image latency on this CPU, every measured trial "
+                      "(Pareto front: no other trial is both faster and more accurate):", "",
+                      "![accuracy vs latency](accuracy_vs_latency.png)", ""]
     if best:
         lines += ["### Best hyperparameters", "", f"Trial `{best['trial_id']}`, val_accuracy {best['val_accuracy']:.4f}:", "",
                   markdown_table(pd.DataFrame([best["hyperparameters"]]), list(best["hyperparameters"])), ""]
@@ -87,24 +95,97 @@ def write_report(run_dir, log=print):
         if tta:
             lines += [f"Flip test-time augmentation {'used' if tta['used'] else 'not used'}: validation accuracy "
                       f"{tta['val_accuracy_plain']:.4f} plain, {tta['val_accuracy_flip']:.4f} flip-averaged.", ""]
-        export = metrics.get("export")
-        if export:
-            lines += [f"Export parity: {export['images']} images, max |Δp| {export['max_abs_diff']:.2e}, "
-                      f"same classes: {export['same_classes']}.", ""]
+        lines += export_section(metrics, settings)
     if timings:
         lines += ["## Wall time", "", markdown_table(pd.DataFrame([timings]), list(timings)), ""]
-    takes = ("`image_bytes`, string `[batch]` of encoded PNG/JPEG/BMP/GIF files (base64 in TF Serving's REST API)"
-             if image_files else "`images`, uint8 `[batch, 28, 28]` raw pixels")
-    lines += ["## Serving the model", "",
-              f"`export/` is a TensorFlow SavedModel. Its `serving_default` signature takes {takes}, and returns "
-              "`probabilities`, `class_id` and `class_name`; decoding, resizing and preprocessing happen inside.",
-              "", "```bash",
-              f"saved_model_cli show --dir {run_dir / 'export'} --all",
-              f"python search.py predict --model {run_dir / 'export'} image.png",
-              f"docker run -p 8501:8501 -v $PWD/{run_dir / 'export'}:/models/fashion/1 -e MODEL_NAME=fashion tensorflow/serving",
-              "```", ""]
+    lines += serving_section(run_dir, image_files)
     atomic.write_text(run_dir / "report.md", "\n".join(lines))
     log(f"report: {run_dir / 'report.md'}")
+
+
+def export_section(metrics, settings):
+    """The exported artifacts, each scored on the test split by its own runtime."""
+    exports = metrics.get("exports")
+    if not exports:
+        return []
+    frame = pd.DataFrame(exports.values())
+    frame["file"] = [Path(p).name or "export/" for p in frame["path"]]
+    frame.loc[frame["format"] == "savedmodel", "file"] = "export/"
+    frame["status"] = [s if not why else f"REJECTED: {why}" for s, why in zip(frame["status"], frame["rejected_because"])]
+    lines = ["## Exported artifacts", "",
+             f"Each scored on all {metrics['test_images']} test images through its own runtime (TensorFlow for the "
+             "SavedModel, the LiteRT interpreter for `.tflite`); drop = Keras model's test accuracy "
+             f"({metrics['test_accuracy']:.4f}) minus the artifact's, in percentage points (limit "
+             f"{settings.get('max_accuracy_drop')}). Latency: one image per call, milliseconds, 200 calls after "
+             "warm-up, in a fresh process with 1 thread and with all threads.", "",
+             markdown_table(frame, [c for c in EXPORT_COLUMNS if c in frame.columns]), ""]
+    export = metrics.get("export")
+    if export:
+        lines += [f"SavedModel parity with the Keras model: {export['images']} images, max |Δp| "
+                  f"{export['max_abs_diff']:.2e}, same classes: {export['same_classes']}.", ""]
+    return lines
+
+
+def serving_section(run_dir, image_files):
+    takes = ("`image_bytes`, string `[batch]` of encoded PNG/JPEG/BMP/GIF files (base64 in TF Serving's REST API)"
+             if image_files else "`images`, uint8 `[batch, 28, 28]` raw pixels")
+    tflite_takes = ("`pixels`, uint8 `[batch, S, S, 3]`: the image decoded and letterboxed to the side S the "
+                    "model was trained on (`predict` does it)" if image_files else "`images` like the SavedModel")
+    export = run_dir / "export"
+    return ["## Serving the model", "",
+            f"`export/` is a TensorFlow SavedModel. Its `serving_default` signature takes {takes}, and returns "
+            "`probabilities`, `class_id` and `class_name`; decoding, resizing and preprocessing happen inside. "
+            f"The `.tflite` files take {tflite_takes} and return `probabilities`; class names are in "
+            "`export/labels.txt`.",
+            "", "```bash",
+            f"saved_model_cli show --dir {export} --all",
+            f"python search.py predict --model {export} image.png",
+            f"python search.py predict --model {export / 'model_int8.tflite'} image.png",
+            f"docker run -p 8501:8501 -v {export.resolve()}:/models/fashion/1 -e MODEL_NAME=fashion tensorflow/serving",
+            "```", ""]
+
+
+def plot_accuracy_vs_latency(board, path):
+    """Scatter of validation accuracy vs latency for every trial, Pareto front marked.
+
+    Returns:
+        False when no trial has both figures (nothing plotted).
+    """
+    if not {"latency_ms", "val_accuracy"} <= set(board.columns):
+        return False
+    done = board.dropna(subset=["latency_ms", "val_accuracy"])
+    if done.empty:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(done["latency_ms"].to_numpy(), done["val_accuracy"].to_numpy())
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for backbone, group in done.groupby("backbone"):
+        ax.scatter(group["latency_ms"], group["val_accuracy"], label=backbone, alpha=0.6)
+    ordered = done.iloc[front].sort_values("latency_ms")
+    ax.step(ordered["latency_ms"], ordered["val_accuracy"], where="post", color="black", linewidth=1,
+            label="Pareto front")
+    ax.scatter(ordered["latency_ms"], ordered["val_accuracy"], facecolors="none", edgecolors="black", s=90)
+    rejected = board[board["status"] == "REJECTED"].dropna(subset=["latency_ms"])
+    for latency in sorted(set(rejected["latency_ms"])):
+        ax.axvline(latency, color="red", alpha=0.3, linestyle=":")
+    ax.set_xlabel("single-image latency on this CPU (ms)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Trials: accuracy vs latency" + (" (dotted: rejected, untrained)" if len(rejected) else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
+def pareto_front(latency, accuracy):
+    """Positions of the points no other point beats on both (lower latency, higher accuracy)."""
+    return [i for i in range(len(latency))
+            if not any((latency[j] <= latency[i] and accuracy[j] > accuracy[i])
+                       or (latency[j] < latency[i] and accuracy[j] >= accuracy[i]) for j in range(len(latency)))]
 
 
 def markdown_table(frame, columns):

@@ -14,6 +14,8 @@ from hypermodel.space import RESOLUTION_RANGE, SearchChoices
 
 JOB = "job"  # `python search.py` with no subcommand: search → retrain → export → report
 SEARCHING = frozenset({JOB, "search"})
+EXPORTING = frozenset({JOB, "export"})
+EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-fp16", "tflite-int8")
 RETRAINING = frozenset({JOB, "retrain"})
 
 
@@ -83,6 +85,34 @@ def fraction(text):
         value = -1.0
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
+def export_formats(text):
+    values = names(text)
+    bad = [v for v in values if v not in EXPORT_FORMATS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown formats {bad}: choose from {', '.join(EXPORT_FORMATS)}")
+    return tuple(dict.fromkeys(values))
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
     return value
 
 
@@ -201,6 +231,17 @@ SETTINGS = (
     Setting("retrain_augmentation", None, "augmentation of the retrain's phase 2 (None = as searched)",
             resumable=True),
     Setting("phase2_lr_factor", 0.1, "phase 2 learning rate = the searched one × this", resumable=True),
+    # Deployment: what is exported, and the limits trials and artifacts must meet.
+    Setting("formats", EXPORT_FORMATS, f"comma-separated export formats: {', '.join(EXPORT_FORMATS)}",
+            "--formats", export_formats, commands=EXPORTING, resumable=True, example="savedmodel,tflite-int8"),
+    Setting("max_accuracy_drop", 1.0, "an exported artifact losing more test accuracy (pp) than this "
+            "against the Keras model is marked rejected", "--max-accuracy-drop", non_negative_float,
+            commands=EXPORTING, resumable=True, example="0.5"),
+    Setting("max_latency_ms", None, "single-image latency limit on this CPU: slower trials are rejected "
+            "before training, slower artifacts marked rejected", "--max-latency-ms", positive_float,
+            commands=SEARCHING | EXPORTING, resumable=True, example="20"),
+    Setting("max_model_mb", None, "model size limit (float32 weights for trials, file size for artifacts)",
+            "--max-model-mb", positive_float, commands=SEARCHING | EXPORTING, resumable=True, example="8"),
     # Scaling out.
     Setting("distributed", None, "KerasTuner distributed mode: the chief serves the oracle, workers run trials",
             "--distributed", choices=("chief", "worker"), resumable=True, example="chief"),

@@ -20,6 +20,8 @@ import keras_tuner as kt
 
 from common import atomic, shims
 from common.errors import UserError
+from hypermodel import space
+from hypermodel.footprint import Limits, TrialRejected, is_rejection
 from hypermodel.hypermodel import TransferHyperModel
 from tuning import leaderboard
 
@@ -109,7 +111,10 @@ class BudgetedOracleMixin:
             return
         run = 0
         for trial_id in self.end_order:
-            run = run + 1 if self.trials[trial_id].status == "FAILED" else 0
+            trial = self.trials[trial_id]
+            if is_rejection(trial.message):
+                continue  # over a deployment limit: not a failure, and not a success either
+            run = run + 1 if trial.status == "FAILED" else 0
         if run >= self.max_failures:
             self.stop_reason = f"{run} trials in a row failed"
 
@@ -198,11 +203,24 @@ class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
     def run_trial(self, trial, *args, **kwargs):
         if "tuner/epochs" not in trial.hyperparameters.values:  # random / bayesian
             kwargs.setdefault("epochs", self.max_epochs_per_trial)
-        histories = super().run_trial(trial, *args, **kwargs)
+        config = space.declare(trial.hyperparameters.copy(), self.hypermodel.choices)
+        try:
+            # An architecture already measured over a limit is rejected without building it.
+            known = self.hypermodel.footprints.known_rejection(config)
+            if known is not None:
+                raise known
+            histories = super().run_trial(trial, *args, **kwargs)
+        except TrialRejected as e:
+            self._trial_fits[trial.trial_id] = {"rejected": str(e), **_footprint_record(e.footprint)}
+            raise
         histories = histories if isinstance(histories, list) else [histories]
+        fitted = [h for h in histories if hasattr(h, "fit_mode")]
         self._trial_fits[trial.trial_id] = {
-            "epochs": sum(len(h.epoch) for h in histories if hasattr(h, "epoch")),
-            "fit_mode": next((h.fit_mode for h in histories if hasattr(h, "fit_mode")), ""),
+            "epochs": sum(len(h.epoch) for h in fitted),
+            "fit_mode": fitted[0].fit_mode if fitted else "",
+            "train_seconds": round(sum(h.train_seconds for h in fitted), 2),
+            "breakdown": _sum_breakdowns([h.seconds for h in fitted]),
+            **(_footprint_record(fitted[0].footprint) if fitted else {}),
         }
         return histories
 
@@ -213,7 +231,10 @@ class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
 
     def on_trial_end(self, trial):
         seconds = time.time() - self._trial_started.pop(trial.trial_id, time.time())
-        fits = self._trial_fits.pop(trial.trial_id, {"epochs": 0, "fit_mode": ""})
+        fits = {"epochs": 0, "fit_mode": "", **self._trial_fits.pop(trial.trial_id, {})}
+        if "breakdown" in fits:
+            accounted = sum(fits["breakdown"].values())
+            fits["breakdown"]["other"] = round(max(0.0, seconds - accounted), 3)
         record = {
             "trial_id": trial.trial_id,
             "worker": self.worker,
@@ -221,7 +242,11 @@ class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
             **fits,
             "error": leaderboard._last_line(trial.message or ""),
         }
+        # KerasTuner writes a trial's HParams session into <log_dir>/<trial_id>/execution0.
+        write_trial_scalars(self.run_dir / "tensorboard" / trial.trial_id / "execution0", record)
         atomic.write_json(self.run_dir / "trials" / f"{trial.trial_id}.json", record)
+        if trial.status != "COMPLETED" and trial.message and not fits.get("rejected"):
+            self.log(trial.message.rstrip())  # the traceback of a failed trial
         try:
             super().on_trial_end(trial)  # the oracle records the result (may raise on too many failures)
         finally:
@@ -236,7 +261,13 @@ class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
         row = frame[frame["trial_id"] == trial.trial_id]
         score = row["val_accuracy"].iloc[0] if len(row) else None
         best = frame["val_accuracy"].max() if len(frame) else float("nan")
-        result = f"val_accuracy {score:.4f}" if score is not None and score == score else f"{status}: {record['error']}"
+        best = "-" if best != best else f"{best:.4f}"
+        if record.get("rejected"):
+            result = record["rejected"]
+        elif score is not None and score == score:
+            result = f"val_accuracy {score:.4f}"
+        else:
+            result = f"{status}: {record['error']}"
         left = ""
         deadline = getattr(self.oracle, "deadline", None)
         if deadline is not None:
@@ -246,8 +277,43 @@ class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
             f"unfrozen={values.get('unfrozen_blocks')} {values.get('pooling')} dense={values.get('dense_units')} "
             f"dropout={values.get('dropout'):.1f} lr={values.get('learning_rate'):.2e} {values.get('lr_schedule')} "
             f"aug={values.get('augmentation')} epochs={record['epochs']} [{record['fit_mode'] or '-'}] "
-            f"→ {result} ({record['seconds']:.0f} s) best {best:.4f}{left}"
+            f"→ {result} ({_trial_time(record)}) best {best}{left}"
         )
+
+
+def _sum_breakdowns(breakdowns):
+    total = {}
+    for breakdown in breakdowns:
+        for key, value in breakdown.items():
+            total[key] = round(total.get(key, 0.0) + value, 3)
+    return total
+
+
+def _trial_time(record):
+    if record.get("train_seconds") is None:
+        return f"{record['seconds']:.0f} s"
+    return f"{record['seconds']:.0f} s, {record['train_seconds']:.0f} s training"
+
+
+def write_trial_scalars(trial_dir, record):
+    """The trial's cost, training time and footprint as TensorBoard scalars beside its
+    HParams summary, so the HParams dashboard lists them as metric columns."""
+    import tensorflow as tf
+
+    values = {"trial/seconds": record.get("seconds"), "trial/train_seconds": record.get("train_seconds"),
+              "deployment/latency_ms": record.get("latency_ms"), "deployment/model_mb": record.get("model_mb")}
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values or not trial_dir.exists():
+        return  # no HParams entry to add to (a trial rejected before training has none)
+    writer = tf.summary.create_file_writer(str(trial_dir / "trial"))
+    with writer.as_default():
+        for name, value in values.items():
+            tf.summary.scalar(name, value, step=0)
+    writer.close()
+
+
+def _footprint_record(footprint):
+    return {"latency_ms": round(footprint.latency_ms, 3), "model_mb": round(footprint.model_mb, 3)}
 
 
 class HyperbandTransferTuner(TransferTuner, kt.Hyperband):
@@ -321,11 +387,12 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
     """
     atomic.remove_stale_temporaries(run_dir)
     shims.route_keras_tuner_json_writes(atomic.write_text)
+    shims.hide_failed_trial_tracebacks()  # printed by the tuner, except for rejections
     deadline = time.time() + settings.time_budget_s if settings.time_budget_s else None
     hypermodel = TransferHyperModel(
         settings.choices, data.num_classes, weights=settings.weights, batch_size=settings.batch_size,
         seed=settings.seed, early_stopping_patience=settings.early_stopping_patience,
-        feature_cache=feature_cache,
+        feature_cache=feature_cache, limits=Limits(settings.max_latency_ms, settings.max_model_mb),
     )
     tuner = make_tuner(settings, hypermodel, run_dir, worker=worker, log=log, deadline=deadline,
                        distribution_strategy=distribution_strategy(settings.strategy))

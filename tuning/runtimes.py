@@ -1,0 +1,209 @@
+"""Runs an exported artifact through its own runtime: the SavedModel through
+`tf.saved_model.load`, a `.tflite` file through the LiteRT interpreter (`ai-edge-litert`).
+
+Every artifact is loaded as an `Artifact`, which says what input it takes and returns
+class probabilities, so scoring, latency and `search.py predict` treat all formats alike.
+Inputs, by `input_kind`:
+    "images":      uint8 [batch, 28, 28] (array datasets, every format);
+    "image_bytes": encoded image files, tf.string [batch] (SavedModels of image files);
+    "pixels":      uint8 [batch, S, S, 3], the files decoded and letterboxed to the
+                   store's side S (`.tflite` of image files: LiteRT has no image decoder).
+Class names come with the artifact: the SavedModel returns them, a `.tflite` file has
+`labels.txt` beside it (the usual LiteRT convention).
+
+Run as `python -m tuning.runtimes --threads N ARTIFACT...` to time artifacts in a fresh
+process with N threads (TensorFlow fixes its thread pools at start-up).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import native_output
+from common.errors import DataError
+
+LABELS_FILE = "labels.txt"
+TFLITE_BATCH = 64
+LATENCY_CALLS = 200
+LATENCY_WARMUP = 20
+
+
+class Artifact:
+    """An exported model, called through its own runtime.
+
+    Attributes:
+        path: The SavedModel directory or `.tflite` file.
+        format: "savedmodel" or "tflite".
+        input_kind: "images", "image_bytes" or "pixels" (see the module docstring).
+        pixel_size: S for "pixels" inputs, else None.
+        class_names: The class names, in output order.
+    """
+
+    format = None
+
+    def probabilities(self, inputs):
+        """float32 [batch, K] for a batch of inputs of this artifact's kind."""
+        raise NotImplementedError
+
+    def predict_all(self, inputs, batch_size=TFLITE_BATCH):
+        """Probabilities for any number of inputs, in batches."""
+        return np.concatenate([self.probabilities(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+class SavedModelArtifact(Artifact):
+    format = "savedmodel"
+
+    def __init__(self, path):
+        import tensorflow as tf
+
+        self.path = Path(path)
+        if not (self.path / "saved_model.pb").is_file():
+            raise DataError(self.path, "not a SavedModel directory (no saved_model.pb): pass a run's export/")
+        try:
+            self._serve = tf.saved_model.load(str(self.path)).signatures["serving_default"]
+        except (KeyError, OSError, ValueError) as e:
+            raise DataError(self.path, f"unreadable SavedModel ({e})") from None
+        inputs = self._serve.structured_input_signature[1]
+        if "image_bytes" in inputs and inputs["image_bytes"].dtype == tf.string:
+            self.input_kind = "image_bytes"
+        elif "images" in inputs and inputs["images"].dtype == tf.uint8:
+            self.input_kind = "images"
+        else:
+            raise DataError(self.path, "serving_default takes neither `images` nor `image_bytes`: not exported by this tool")
+        self.pixel_size = None
+        self.class_names = _read_labels(self.path)
+
+    def probabilities(self, inputs):
+        import tensorflow as tf
+
+        return self._serve(**{self.input_kind: tf.constant(inputs)})["probabilities"].numpy()
+
+
+class TfliteArtifact(Artifact):
+    """A `.tflite` file on the LiteRT interpreter (XNNPACK, `threads` CPU threads)."""
+
+    format = "tflite"
+
+    def __init__(self, path, threads=None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(self.path, "file not found")
+        try:
+            with native_output.silenced():  # "Created TensorFlow Lite XNNPACK delegate for CPU."
+                self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads or os.cpu_count())
+        except ValueError as e:
+            raise DataError(self.path, f"not a valid .tflite model ({str(e).splitlines()[0]})") from None
+        (self._input,) = self._interpreter.get_input_details()
+        self._output = next(d for d in self._interpreter.get_output_details())
+        shape = list(self._input["shape_signature"])
+        if self._input["dtype"] != np.uint8 or shape[1:] not in ([28, 28],) and not (
+            len(shape) == 4 and shape[1] == shape[2] and shape[3] == 3
+        ):
+            raise DataError(self.path, f"input {self._input['dtype'].__name__} {shape}: not exported by this tool")
+        self.input_kind = "images" if len(shape) == 3 else "pixels"
+        self.pixel_size = int(shape[1]) if self.input_kind == "pixels" else None
+        self.class_names = _read_labels(self.path.parent)
+        self._batch = None
+
+    def probabilities(self, inputs):
+        inputs = np.ascontiguousarray(inputs, dtype=np.uint8)
+        if self._batch != len(inputs):
+            self._interpreter.resize_tensor_input(self._input["index"], [len(inputs), *inputs.shape[1:]])
+            with native_output.silenced():
+                self._interpreter.allocate_tensors()
+            self._batch = len(inputs)
+        self._interpreter.set_tensor(self._input["index"], inputs)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output["index"]).copy()
+
+
+def load(path, threads=None):
+    """The artifact at `path`: a `.tflite` file, else a SavedModel directory."""
+    path = Path(path)
+    if path.suffix == ".tflite":
+        return TfliteArtifact(path, threads)
+    return SavedModelArtifact(path)
+
+
+def _read_labels(folder):
+    path = Path(folder) / LABELS_FILE
+    if not path.is_file():
+        raise DataError(path, "missing: an exported model keeps its class names there")
+    return path.read_text().splitlines()
+
+
+def as_inputs(artifact, raw):
+    """Raw user inputs (uint8 28×28 arrays, or encoded file bytes) → this artifact's input."""
+    if artifact.input_kind != "pixels":
+        return raw
+    import tensorflow as tf
+
+    from data_pipeline.images import decode_batch
+
+    return np.concatenate([
+        decode_batch(tf.constant(raw[i : i + 256]), artifact.pixel_size).numpy() for i in range(0, len(raw), 256)
+    ])
+
+
+def single_image_latency(artifact, one_input, calls=LATENCY_CALLS, warmup=LATENCY_WARMUP):
+    """(p50, p95) milliseconds of one call on a batch of one, after `warmup` calls."""
+    for _ in range(warmup):
+        artifact.probabilities(one_input)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        artifact.probabilities(one_input)
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+
+
+def time_in_fresh_process(paths, one_input, threads):
+    """{path: (p50, p95)} for each artifact, timed by a new process using `threads` threads.
+
+    Args:
+        one_input: One input of the artifacts' `input_kind` (all must take the same kind).
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = Path(tmp) / "input.npy"
+        np.save(sample, np.array([one_input], dtype=object if isinstance(one_input, bytes) else None),
+                allow_pickle=isinstance(one_input, bytes))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        result = subprocess.run(
+            [sys.executable, "-m", "tuning.runtimes", "--threads", str(threads), "--input", str(sample), *map(str, paths)],
+            capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], check=False,
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"latency measurement failed:\n{result.stderr[-3000:]}")
+    return {path: tuple(value) for path, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--input", required=True, help=".npy holding a batch of one input")
+    parser.add_argument("artifacts", nargs="+")
+    args = parser.parse_args(argv)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    raw = np.load(args.input, allow_pickle=True)
+    timings = {}
+    for path in args.artifacts:
+        artifact = load(path, threads=args.threads)
+        timings[path] = single_image_latency(artifact, raw)
+    print(json.dumps(timings))
+
+
+if __name__ == "__main__":
+    main()
