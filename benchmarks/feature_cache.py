@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
+from benchmarks.machine import cpu_description  # noqa: E402
 from data_pipeline import load_dataset  # noqa: E402
 from data_pipeline.feature_cache import FeatureCache  # noqa: E402
 from hypermodel.space import TrialConfig  # noqa: E402
@@ -113,7 +114,7 @@ def main():
     results["smoke_search_s"] = {"without_cache": round(without, 1), "with_cache": round(with_cache, 1)}
     results["smoke_search_speedup"] = round(without / with_cache, 2)
     results = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
-    print(json.dumps(results))
+    print(json.dumps({**results, "cpu": cpu_description()}))
 
 
 if __name__ == "__main__":

@@ -335,7 +335,7 @@ class FailingHyperModel(TinyHyperModel):
 def test_keras_tuner_prints_failed_trial_tracebacks_unless_hidden(tmp_path, capsys, monkeypatch, hidden):
     from keras_tuner.src import config as kt_config
 
-    monkeypatch.setattr(kt_config, "DEBUG", kt_config.DEBUG)  # restored after the test
+    monkeypatch.setattr(kt_config, "DEBUG", True)  # KerasTuner's default; restored after the test
     if hidden:
         shims.hide_failed_trial_tracebacks()
     tuner = kt.RandomSearch(FailingHyperModel(), objective="val_loss", max_trials=1, directory=str(tmp_path),

@@ -29,7 +29,7 @@ from hypermodel.space import config_from_values
 from hypermodel.training import epochs_that_fit, train
 from tuning import report
 
-FINISH_RESERVE_S = 150  # after phase 2: TTA check, test evaluation, export with parity, report
+FINISH_RESERVE_S = 210  # after phase 2: TTA check, test evaluation, every export scored and timed (~90 s), report
 
 
 class DivergedError(UserError):
