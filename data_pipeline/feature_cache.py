@@ -64,8 +64,9 @@ class FeatureCache:
         array = self._load(digest, key, len(images))
         if array is None:
             ds = make_dataset(images, None, resolution, preprocess_input, batch_size)
-            forward = tf.function(lambda x: tf.cast(prefix(x, training=False), tf.float16), reduce_retracing=True)
-            array = np.concatenate([forward(batch).numpy() for batch in ds])
+            # Keras traces one predict step per prefix model (a tf.function per call here
+            # made TensorFlow warn about retracing).
+            array = np.concatenate([prefix.predict_on_batch(batch).astype(np.float16) for batch in ds])
             self.builds += 1
             self._save(digest, key, array)
             self.log(f"  feature cache: built {key['cut']} of {source}@{resolution} "

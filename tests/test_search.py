@@ -241,6 +241,7 @@ def test_gpu_profile_runs_on_cpu_with_a_tiny_budget(tmp_path):
         "--unfrozen-blocks", "4",
         "--train-subset", "200", "--val-subset", "100", "--retrain-subset", "300", "--tuner", "random",
         "--max-trials", "2", "--max-epochs", "1", "--seed", "2", "--job-time-budget", "200s", "--run-dir", run_dir,
+        "--formats", "savedmodel",  # the LiteRT files are tested on the smoke jobs
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     settings = json.loads((run_dir / "config.json").read_text())["settings"]
