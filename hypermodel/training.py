@@ -142,22 +142,28 @@ def fit_on_features(model, config, data, batch_size, seed, learning_rate, callba
     )
 
 
-def epochs_that_fit(seconds, model, config, data, batch_size, seed, timed_steps=24, warmup_steps=8):
+def epochs_that_fit(seconds, model, config, data, batch_size, seed, timed_steps=24, warmup_steps=8,
+                    validation_steps=(3, 9)):
     """How many end-to-end epochs of `model` on `data` fit in `seconds`.
 
     Times real training steps (the run's pipeline and augmentation; the first
     `warmup_steps` absorb tracing and tf.data's warm-up: with 4 of them and 12 timed
-    steps one estimate came out 40 % high), then restores the weights, so the caller's
-    schedule can be planned over the epochs that will actually run.
+    steps one estimate came out 40 % high), then two validation passes of different
+    lengths, which give a validation step's time and a pass's fixed cost (its iterator
+    and callbacks; assuming validation costs a third of a training step left epochs ~10 %
+    longer than planned). Restores the weights, so the caller's schedule can be planned
+    over the epochs that will actually run.
 
     Returns:
         (epochs, estimated seconds per epoch including validation); epochs ≥ 1.
     """
     weights = model.get_weights()
     steps_per_epoch = math.ceil(len(data.x_train) / batch_size)
+    val_steps = math.ceil(len(data.x_val) / batch_size)
     compile_for_training(model, config, steps_per_epoch, 1)
+    preprocess_input = get_backbone(config.backbone).preprocess_input
     train_ds = make_dataset(
-        data.x_train, data.y_train, config.resolution, get_backbone(config.backbone).preprocess_input,
+        data.x_train, data.y_train, config.resolution, preprocess_input,
         batch_size, shuffle_seed=seed, augmentation=config.augmentation,
     )
     timer = StepTimer()
@@ -165,6 +171,18 @@ def epochs_that_fit(seconds, model, config, data, batch_size, seed, timed_steps=
     model.fit(train_ds.repeat().take(warmup_steps + timed_steps), callbacks=[timer], verbose=0, shuffle=False)
     model.set_weights(weights)
     step_s = (timer.ends[-1] - timer.ends[warmup_steps - 1]) / (len(timer.ends) - warmup_steps)
-    # Validation is a forward pass: about a third of a training step per batch.
-    epoch_s = step_s * (steps_per_epoch + math.ceil(len(data.x_val) / batch_size) / 3)
+
+    val_ds = make_dataset(data.x_val, data.y_val, config.resolution, preprocess_input, batch_size).repeat()
+    model.evaluate(val_ds.take(1), verbose=0)  # traces the test step
+    passes = []
+    for count in validation_steps:
+        started = time.perf_counter()
+        model.evaluate(val_ds.take(count), verbose=0)
+        passes.append(time.perf_counter() - started)
+    short, long = validation_steps
+    val_step_s = max(0.0, (passes[1] - passes[0]) / (long - short))
+    pass_fixed_s = max(0.0, passes[0] - short * val_step_s)
+    # An epoch: its training steps, a validation pass, and the same fixed cost again for
+    # the training iterator and the epoch's callbacks.
+    epoch_s = step_s * steps_per_epoch + val_step_s * val_steps + 2 * pass_fixed_s
     return max(1, int(seconds // epoch_s)), epoch_s
