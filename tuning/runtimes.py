@@ -38,13 +38,10 @@ class Artifact:
 
     Attributes:
         path: The SavedModel directory or `.tflite` file.
-        format: "savedmodel" or "tflite".
         input_kind: "images", "image_bytes" or "pixels" (see the module docstring).
         pixel_size: S for "pixels" inputs, else None.
         class_names: The class names, in output order.
     """
-
-    format = None
 
     def probabilities(self, inputs):
         """float32 [batch, K] for a batch of inputs of this artifact's kind."""
@@ -56,7 +53,7 @@ class Artifact:
 
 
 class SavedModelArtifact(Artifact):
-    format = "savedmodel"
+    """A SavedModel's `serving_default` on TensorFlow."""
 
     def __init__(self, path):
         import tensorflow as tf
@@ -86,8 +83,6 @@ class SavedModelArtifact(Artifact):
 
 class TfliteArtifact(Artifact):
     """A `.tflite` file on the LiteRT interpreter (XNNPACK, `threads` CPU threads)."""
-
-    format = "tflite"
 
     def __init__(self, path, threads=None):
         from ai_edge_litert.interpreter import Interpreter

@@ -79,13 +79,7 @@ def float_range(text):
 
 
 def fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
-    return value
+    return _checked_float(text, lambda v: 0.0 < v < 1.0, "a fraction between 0 and 1")
 
 
 def export_formats(text):
@@ -97,22 +91,20 @@ def export_formats(text):
 
 
 def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    return _checked_float(text, lambda v: v > 0, "a number > 0")
 
 
 def non_negative_float(text):
+    return _checked_float(text, lambda v: v >= 0, "a number ≥ 0")
+
+
+def _checked_float(text, allowed, expected):
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
+        value = float("nan")  # refused below, with the same message
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 
