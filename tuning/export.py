@@ -215,10 +215,11 @@ def export(run_dir, settings, dataset, log=print, calibration=None):
                     paths[fmt] = tmp / TFLITE_FILES[fmt]
                     paths[fmt].write_bytes(convert(source, fmt, calibration))
         atomic.write_text(tmp / runtimes.LABELS_FILE, "".join(f"{name}\n" for name in dataset.class_names))
-        records = score_artifacts(paths, dataset, metrics.get("test_accuracy"), settings, log)
-        atomic.write_json(tmp / EXPORTS_FILE, {fmt: {**r, "path": str(run_dir / "export" / Path(r["path"]).relative_to(tmp))}
-                                               for fmt, r in records.items()})
-    records = json.loads((run_dir / "export" / EXPORTS_FILE).read_text())
+        scored = score_artifacts(paths, dataset, metrics.get("test_accuracy"), settings, log)
+        # Paths as they will be once the directory is in place.
+        records = {fmt: {**r, "path": str(run_dir / "export" / Path(r["path"]).relative_to(tmp))}
+                   for fmt, r in scored.items()}
+        atomic.write_json(tmp / EXPORTS_FILE, records)
     metrics["exports"] = records
     atomic.write_json(metrics_path, metrics)
     return records
