@@ -1,7 +1,7 @@
 """The training loop: compile with the trial's schedule, fit end to end or on cached features.
 
 `train` is the one way any model of the tool is fitted (search trials, both retrain
-phases). It trains `trainable_top` on stored prefix activations when the feature
+phases); `fine_tune_top` nudges a trained top on given features (the int8 export's). It trains `trainable_top` on stored prefix activations when the feature
 cache can serve the trial, else the whole model on images through tf.data.
 """
 
@@ -9,13 +9,14 @@ import math
 import time
 
 import keras
+import numpy as np
 
 from common.shims import SaveBestEpoch
 from data_pipeline.feature_cache import feature_batches
 from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import AtomicCheckpoint, FailOnNaN, StepTimer, Timed, TrialClock
-from hypermodel.model import PREFIX_NAME, TOP_NAME
+from hypermodel.model import PREFIX_NAME, TOP_NAME, set_unfrozen_blocks_trainable
 from hypermodel.schedules import WarmupSchedule
 
 
@@ -186,3 +187,36 @@ def epochs_that_fit(seconds, model, config, data, batch_size, seed, timed_steps=
     # the training iterator and the epoch's callbacks.
     epoch_s = step_s * steps_per_epoch + val_step_s * val_steps + 2 * pass_fixed_s
     return max(1, int(seconds // epoch_s)), epoch_s
+
+
+def fine_tune_top(model, views, labels, val_views, val_labels, epochs, learning_rate, batch_size, seed):
+    """Fine-tunes `model`'s trainable top (head and chosen blocks) on given prefix features,
+    keeping the epoch with the best validation accuracy, or the weights it had if none beats
+    them.
+
+    Args:
+        views: Feature arrays of the training images, one per view (the image, its mirror).
+        val_views: The same for validation; the views' probabilities are averaged.
+
+    Returns:
+        (validation accuracy before, after, epochs run).
+    """
+    set_unfrozen_blocks_trainable(model, True)
+    top = model.get_layer(TOP_NAME)
+
+    def accuracy():
+        probabilities = sum(top.predict(v, batch_size=256, verbose=0) for v in val_views)
+        return float(np.mean(probabilities.argmax(axis=1) == val_labels))
+
+    before = best = accuracy()
+    best_weights = top.get_weights()
+    top.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
+    keras.utils.set_random_seed(seed)
+    for _ in range(epochs):
+        top.fit(np.concatenate(views), np.tile(labels, len(views)), batch_size=batch_size, epochs=1, shuffle=True,
+                verbose=0)
+        score = accuracy()
+        if score > best:
+            best, best_weights = score, top.get_weights()
+    top.set_weights(best_weights)
+    return before, best, epochs

@@ -376,8 +376,14 @@ def test_every_format_is_exported_and_scored_by_its_own_runtime(job):
     assert abs(exports["tflite"]["drop_pp"]) <= 0.05 and abs(exports["tflite-fp16"]["drop_pp"]) <= 0.1
     assert exports["tflite-fp16"]["size_kb"] < 0.6 * exports["tflite"]["size_kb"]
     assert exports["tflite-int8"]["size_kb"] < 0.4 * exports["tflite"]["size_kb"]
+    # The int8 file's top was fine-tuned on the int8 prefix's features, judged on validation.
+    tuning = exports["tflite-int8"]["top_tuning"]
+    assert 0 < tuning["images"] <= 10_000 and tuning["epochs"] == 2, tuning
+    assert tuning["kept"] == (tuning["val_accuracy_after"] > tuning["val_accuracy_before"]), tuning
+    assert "int8: top fine-tuned on the int8 prefix's features" in result.stdout
     report = (run_dir / "report.md").read_text()
     assert "## Exported artifacts" in report and "model_int8.tflite" in report
+    assert "fine-tuned on the int8 prefix's own features" in report
     assert (run_dir / "accuracy_vs_latency.png").is_file()
 
 

@@ -5,7 +5,8 @@ Formats (`--formats`, default all):
     tflite       `export/model.tflite`, float32;
     tflite-fp16  `export/model_fp16.tflite`, float16 weights (half the size);
     tflite-int8  `export/model_int8.tflite`, full-integer: weights and activations int8,
-                 calibrated on training images (never test images).
+                 calibrated on training images (never test images), its trainable top
+                 fine-tuned on the int8 prefix's features (tuning/int8_tuning.py).
 Every artifact takes the user's raw pixels and does the backbone's preprocessing (and
 the flip test-time augmentation when the retrain kept it) inside. The SavedModel's
 `serving_default` takes, for array datasets, `images` uint8 [batch, 28, 28]; for
@@ -39,9 +40,12 @@ from common import atomic, native_output
 from common.errors import UsageError
 from data_pipeline.images import decode_batch
 from data_pipeline.pipeline import prepare_images
+from data_pipeline.splits import training_data
 from hypermodel.backbones import get_backbone
 from hypermodel.footprint import Footprint, Limits
+from hypermodel.model import PREFIX_NAME
 from tuning import runtimes
+from tuning.int8_tuning import fit_top_to_int8_prefix
 from tuning.retrain import flip_images, read_best
 
 TFLITE_FILES = {"tflite": "model.tflite", "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite"}
@@ -120,15 +124,30 @@ def tflite_function(model, resolution, preprocess_input, tta=False, pixel_size=N
         pixel_size: For image-file datasets: S of the `pixels` uint8 [batch, S, S, 3]
             input; else the input is `images` uint8 [batch, 28, 28].
     """
-    if pixel_size is None:
-        spec = tf.TensorSpec([None, 28, 28], tf.uint8, name="images")
-    else:
-        spec = tf.TensorSpec([None, pixel_size, pixel_size, 3], tf.uint8, name="pixels")
 
     def serve(raw):
         return {"probabilities": predict_probabilities(model, prepare_images(raw, resolution, preprocess_input), tta)}
 
-    return tf.function(serve, input_signature=[spec])
+    return tf.function(serve, input_signature=[_tflite_input_spec(pixel_size)])
+
+
+def prefix_function(model, resolution, preprocess_input, tta=False, pixel_size=None):
+    """Raw pixels → the frozen prefix's features, batched as `tflite_function` batches
+    them (image and mirror as one batch with `tta`, so int8 calibration sees the same)."""
+
+    def features(raw):
+        images = prepare_images(raw, resolution, preprocess_input)
+        if tta:
+            images = tf.concat([images, flip_images(images)], axis=0)
+        return {"features": model.get_layer(PREFIX_NAME)(images, training=False)}
+
+    return tf.function(features, input_signature=[_tflite_input_spec(pixel_size)])
+
+
+def _tflite_input_spec(pixel_size):
+    if pixel_size is None:
+        return tf.TensorSpec([None, 28, 28], tf.uint8, name="images")
+    return tf.TensorSpec([None, pixel_size, pixel_size, 3], tf.uint8, name="pixels")
 
 
 def convert(saved_model_dir, fmt, calibration=None):
@@ -190,7 +209,7 @@ def export(run_dir, settings, dataset, log=print, calibration=None):
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     tta = bool(metrics.get("tta", {}).get("used"))  # decided on validation by the retrain
     storage_size = settings.storage_size if dataset.files is not None else None
-    paths = {}
+    paths, int8_tuning = {}, None
     with atomic.directory(run_dir / "export") as tmp:
         if "savedmodel" in settings.formats:
             serve = serving_function(model, config.resolution, preprocess_input, dataset.class_names, tta,
@@ -208,14 +227,21 @@ def export(run_dir, settings, dataset, log=print, calibration=None):
         if tflite_formats:
             if calibration is None and "tflite-int8" in tflite_formats:
                 calibration = calibration_inputs(dataset, seed=settings.seed)
-            with tempfile.TemporaryDirectory() as source:
-                _write_saved_model(model, tflite_function(model, config.resolution, preprocess_input, tta,
-                                                          storage_size), source)
-                for fmt in tflite_formats:
-                    paths[fmt] = tmp / TFLITE_FILES[fmt]
-                    paths[fmt].write_bytes(convert(source, fmt, calibration))
+            floats = [f for f in tflite_formats if f != "tflite-int8"]
+            files = converted(tflite_function(model, config.resolution, preprocess_input, tta, storage_size), model,
+                              floats) if floats else {}
+            if "tflite-int8" in tflite_formats:
+                tuned, int8_tuning = int8_tuned_model(run_dir, config, preprocess_input, tta, storage_size, settings,
+                                                      dataset, calibration, log)
+                files.update(converted(tflite_function(tuned, config.resolution, preprocess_input, tta, storage_size),
+                                       tuned, ["tflite-int8"], calibration))
+            for fmt in tflite_formats:
+                paths[fmt] = tmp / TFLITE_FILES[fmt]
+                paths[fmt].write_bytes(files[fmt])
         atomic.write_text(tmp / runtimes.LABELS_FILE, "".join(f"{name}\n" for name in dataset.class_names))
         scored = score_artifacts(paths, dataset, metrics.get("test_accuracy"), settings, log)
+        if int8_tuning is not None:
+            scored["tflite-int8"]["top_tuning"] = int8_tuning
         # Paths as they will be once the directory is in place.
         records = {fmt: {**r, "path": str(run_dir / "export" / Path(r["path"]).relative_to(tmp))}
                    for fmt, r in scored.items()}
@@ -223,6 +249,25 @@ def export(run_dir, settings, dataset, log=print, calibration=None):
     metrics["exports"] = records
     atomic.write_json(metrics_path, metrics)
     return records
+
+
+def int8_tuned_model(run_dir, config, preprocess_input, tta, storage_size, settings, dataset, calibration, log):
+    """A fresh copy of the trained model with its top fine-tuned on the int8 prefix's
+    features (tuning/int8_tuning.py), and that tuning's record."""
+    model = load_trained_model(run_dir)
+    prefix = converted(prefix_function(model, config.resolution, preprocess_input, tta, storage_size),
+                       model, ["tflite-int8"], calibration)["tflite-int8"]
+    data = training_data(dataset, settings.validation_fraction, settings.seed, settings.retrain_subset)
+    record = fit_top_to_int8_prefix(model, prefix, data, tta, settings.batch_size, settings.seed,
+                                    settings.cache_budget_mb, log)
+    return model, record
+
+
+def converted(function, model, formats, calibration=None):
+    """{format: `.tflite` bytes} of `function` (raw uint8 in, over `model`)."""
+    with tempfile.TemporaryDirectory() as source:
+        _write_saved_model(model, function, source)
+        return {fmt: convert(source, fmt, calibration) for fmt in formats}
 
 
 def _write_saved_model(model, function, directory):

@@ -81,42 +81,59 @@ class SavedModelArtifact(Artifact):
         return self._serve(**{self.input_kind: tf.constant(inputs)})["probabilities"].numpy()
 
 
+class LiteRtModel:
+    """A `.tflite` model (a file or bytes) on the LiteRT interpreter: a batch of any size
+    in, its first output out.
+
+    Args:
+        threads: CPU threads (default: all).
+        model: `model_path=` or `model_content=`, as the interpreter takes them.
+    """
+
+    def __init__(self, threads=None, **model):
+        from ai_edge_litert.interpreter import Interpreter
+
+        with native_output.silenced():  # "Created TensorFlow Lite XNNPACK delegate for CPU."
+            self._interpreter = Interpreter(**model, num_threads=threads or os.cpu_count())
+        (self.input,) = self._interpreter.get_input_details()
+        self._output = self._interpreter.get_output_details()[0]
+        self._batch = None
+
+    def __call__(self, inputs):
+        inputs = np.ascontiguousarray(inputs, dtype=self.input["dtype"])
+        if self._batch != len(inputs):
+            self._interpreter.resize_tensor_input(self.input["index"], [len(inputs), *inputs.shape[1:]])
+            with native_output.silenced():
+                self._interpreter.allocate_tensors()
+            self._batch = len(inputs)
+        self._interpreter.set_tensor(self.input["index"], inputs)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output["index"]).copy()
+
+
 class TfliteArtifact(Artifact):
     """A `.tflite` file on the LiteRT interpreter (XNNPACK, `threads` CPU threads)."""
 
     def __init__(self, path, threads=None):
-        from ai_edge_litert.interpreter import Interpreter
-
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(self.path, "file not found")
         try:
-            with native_output.silenced():  # "Created TensorFlow Lite XNNPACK delegate for CPU."
-                self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads or os.cpu_count())
+            self._model = LiteRtModel(threads, model_path=str(self.path))
         except ValueError as e:
             raise DataError(self.path, f"not a valid .tflite model ({str(e).splitlines()[0]})") from None
-        (self._input,) = self._interpreter.get_input_details()
-        self._output = next(d for d in self._interpreter.get_output_details())
-        shape = list(self._input["shape_signature"])
-        if self._input["dtype"] != np.uint8 or shape[1:] not in ([28, 28],) and not (
+        source = self._model.input
+        shape = list(source["shape_signature"])
+        if source["dtype"] != np.uint8 or shape[1:] not in ([28, 28],) and not (
             len(shape) == 4 and shape[1] == shape[2] and shape[3] == 3
         ):
-            raise DataError(self.path, f"input {self._input['dtype'].__name__} {shape}: not exported by this tool")
+            raise DataError(self.path, f"input {source['dtype'].__name__} {shape}: not exported by this tool")
         self.input_kind = "images" if len(shape) == 3 else "pixels"
         self.pixel_size = int(shape[1]) if self.input_kind == "pixels" else None
         self.class_names = _read_labels(self.path.parent)
-        self._batch = None
 
     def probabilities(self, inputs):
-        inputs = np.ascontiguousarray(inputs, dtype=np.uint8)
-        if self._batch != len(inputs):
-            self._interpreter.resize_tensor_input(self._input["index"], [len(inputs), *inputs.shape[1:]])
-            with native_output.silenced():
-                self._interpreter.allocate_tensors()
-            self._batch = len(inputs)
-        self._interpreter.set_tensor(self._input["index"], inputs)
-        self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output["index"]).copy()
+        return self._model(inputs)
 
 
 def load(path, threads=None):
