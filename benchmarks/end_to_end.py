@@ -6,8 +6,9 @@
 
 Runs `python search.py [--profile P] --run-dir <fresh dir>` as a user would, then loads
 the exported SavedModel itself and scores it on the official test split (not trusting
-metrics.json). The last line is JSON: {"profile", "wall_s", "test_accuracy", "search_s",
-"retrain_s", "export_s", "trials"}.
+metrics.json). The last line is JSON: {"profile", "cpu_model", "cpu_flags", "wall_s",
+"test_accuracy", "search_s", "retrain_s", "export_s", "trials", "epochs_phase2",
+"phase2_epoch_s_planned", "exports": {format: {"test_accuracy", "drop_pp", "size_kb"}}}.
 """
 
 import argparse
@@ -21,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import cpu_description  # noqa: E402
 
 
 def score_export(export_dir):
@@ -55,15 +58,23 @@ def main():
     wall = time.time() - started
     config = json.loads((run_dir / "config.json").read_text())
     timings = json.loads((run_dir / "timings.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     trials = sum(1 for _ in open(run_dir / "leaderboard.csv")) - 1
+    cpu = cpu_description()
     print(json.dumps({
         "profile": config["settings"]["profile"],
+        "cpu_model": cpu["model"],
+        "cpu_flags": cpu["flags"],
         "wall_s": round(wall, 1),
         "test_accuracy": round(score_export(run_dir / "export"), 4),
         "search_s": timings.get("search"),
         "retrain_s": timings.get("retrain"),
         "export_s": timings.get("export"),
         "trials": trials,
+        "epochs_phase2": metrics.get("phase2", {}).get("epochs"),
+        "phase2_epoch_s_planned": metrics.get("phase2", {}).get("planned_epoch_s"),
+        "exports": {fmt: {k: r[k] for k in ("test_accuracy", "drop_pp", "size_kb")}
+                    for fmt, r in metrics.get("exports", {}).items()},
         "run_dir": str(run_dir),
     }))
 

@@ -92,11 +92,14 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
             EpochProgress(phase, log, deadline),
         ]
         patience = settings.early_stopping_patience
+        plan = {}
         if epochs_ is None:  # phase 2 fitted to the job's deadline
             finish_by = deadline - FINISH_RESERVE_S
-            epochs_, epoch_s = epochs_that_fit(
-                finish_by - time.time(), model, phase_config, data, settings.batch_size, settings.seed
-            )
+            available = finish_by - time.time()
+            epochs_, epoch_s = epochs_that_fit(available, model, phase_config, data, settings.batch_size,
+                                               settings.seed)
+            plan = {"planned_epochs": epochs_, "planned_epoch_s": round(epoch_s, 1),
+                    "planned_seconds": round(available, 1)}
             callbacks.append(StopAtDeadline(finish_by))
             # The schedule decays over exactly these epochs: run them all (augmented
             # validation accuracy dips early on), keep the best.
@@ -123,6 +126,7 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
             "learning_rate": lr,
             "augmentation": phase_config.augmentation,
             "mode": mode,
+            **plan,
         }
         log(f"  {phase}: {len(history.epoch)} epochs [{mode}], best val_accuracy "
             f"{histories[phase]['best_val_accuracy']:.4f} ({histories[phase]['seconds']:.0f} s)")
