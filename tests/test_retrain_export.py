@@ -423,6 +423,29 @@ def test_int8_calibrated_on_constant_images_is_marked_rejected(job, tmp_path):
     assert saved["status"] == "rejected"
 
 
+def test_int8_top_is_left_alone_when_the_feature_budget_holds_less_than_a_batch(job):
+    from data_pipeline.splits import training_data
+    from hypermodel.backbones import get_backbone
+    from tuning.export import converted, load_trained_model, prefix_function
+    from tuning.int8_tuning import fit_top_to_int8_prefix
+    from tuning.retrain import read_best
+
+    run_dir, _ = job
+    _, config = read_best(run_dir)
+    model = load_trained_model(run_dir)
+    dataset = load_dataset()
+    prefix = converted(prefix_function(model, config.resolution, get_backbone(config.backbone).preprocess_input),
+                       model, ["tflite-int8"], dataset.x_train[:32])["tflite-int8"]
+    before = [w.copy() for w in model.get_layer("trainable_top").get_weights()]
+    lines = []
+    record = fit_top_to_int8_prefix(model, prefix, training_data(dataset, train_subset=500, val_subset=100),
+                                    tta=False, batch_size=64, seed=0, budget_mb=0, log=lines.append)
+    assert record["images"] == 0 and record["epochs"] == 0 and not record["kept"], record
+    assert lines == ["  int8: top not tuned: --cache-budget 0 MB holds the features of 0 images"]
+    for kept, original in zip(model.get_layer("trainable_top").get_weights(), before):
+        np.testing.assert_array_equal(kept, original)
+
+
 def test_predict_runs_every_artifact_with_the_same_output(job, tmp_path):
     run_dir, _ = job
     dataset = load_dataset()

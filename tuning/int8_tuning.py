@@ -32,7 +32,8 @@ def fit_top_to_int8_prefix(model, prefix_tflite, data, tta, batch_size, seed, bu
             (image and mirror as one batch when `tta`), calibrated like the full model.
         data: The retrain's `TrainingData` (training images in, validation to judge).
         tta: Whether the exported model averages each image with its mirror.
-        budget_mb: RAM for the stored features; fewer images are used beyond it.
+        budget_mb: RAM for the stored features; fewer images are used beyond it, and
+            none (no tuning) when it holds less than a batch.
 
     Returns:
         A record: images, epochs, validation accuracy of the int8 prefix's features
@@ -43,6 +44,9 @@ def fit_top_to_int8_prefix(model, prefix_tflite, data, tta, batch_size, seed, bu
     views = 2 if tta else 1
     feature_mb = views * 4 * np.prod(prefix(data.x_train[:1]).shape[1:]) / 2**20
     count = int(min(TUNING_IMAGES, len(data.y_train), budget_mb // feature_mb))
+    if count < batch_size:
+        log(f"  int8: top not tuned: --cache-budget {budget_mb} MB holds the features of {count} images")
+        return {"images": count, "epochs": 0, "kept": False, "seconds": round(time.time() - started, 1)}
     picked = np.sort(np.random.default_rng(seed).choice(len(data.y_train), size=count, replace=False))
     train_views = _features(prefix, data.x_train[picked], views)
     val_views = _features(prefix, data.x_val, views)

@@ -120,7 +120,7 @@ def export_section(metrics, settings):
              "warm-up, in a fresh process with 1 thread and with all threads.", "",
              markdown_table(frame, [c for c in EXPORT_COLUMNS if c in frame.columns]), ""]
     tuning = exports.get("tflite-int8", {}).get("top_tuning")
-    if tuning:
+    if tuning and tuning["epochs"]:
         lines += [f"The int8 file's trainable top was fine-tuned on the int8 prefix's own features "
                   f"({tuning['images']} training images, {tuning['epochs']} epochs): validation accuracy "
                   f"{tuning['val_accuracy_before']:.4f} → {tuning['val_accuracy_after']:.4f}"
