@@ -1,8 +1,9 @@
 """The training loop: compile with the trial's schedule, fit end to end or on cached features.
 
 `train` is the one way any model of the tool is fitted (search trials, both retrain
-phases); `fine_tune_top` nudges a trained top on given features (the int8 export's). It trains `trainable_top` on stored prefix activations when the feature
+phases). It trains `trainable_top` on stored prefix activations when the feature
 cache can serve the trial, else the whole model on images through tf.data.
+`fine_tune_top` nudges an already trained top on given features (the int8 export's).
 """
 
 import math
@@ -210,11 +211,11 @@ def fine_tune_top(model, views, labels, val_views, val_labels, epochs, learning_
 
     before = best = accuracy()
     best_weights = top.get_weights()
+    features, targets = np.concatenate(views), np.tile(labels, len(views))  # every view is an example
     top.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
     keras.utils.set_random_seed(seed)
     for _ in range(epochs):
-        top.fit(np.concatenate(views), np.tile(labels, len(views)), batch_size=batch_size, epochs=1, shuffle=True,
-                verbose=0)
+        top.fit(features, targets, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
         score = accuracy()
         if score > best:
             best, best_weights = score, top.get_weights()
