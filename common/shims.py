@@ -25,8 +25,14 @@ The shims:
 7. `hide_failed_trial_tracebacks`: KerasTuner prints every failed trial's traceback
    (`keras_tuner.src.config.DEBUG`, on by default); the tuner prints them itself, except
    for trials rejected by a deployment limit, which are not errors.
+8. `build_before_tracing`: without a distribution strategy, Keras' TensorFlow trainer
+   creates the optimizer's and metrics' variables inside the first trace of the train
+   step, and `tf.function` then traces the whole step a second time (seconds per trial
+   for a fine-tuned top); `Trainer._symbolic_build` creates them first, as Keras itself
+   does under a strategy.
 """
 
+import keras
 import keras_tuner as kt
 import tensorflow as tf
 from keras_tuner.src import config as _kt_config
@@ -37,7 +43,8 @@ from tensorflow.python.framework import ops as _tf_ops
 
 from common.errors import UserError
 
-WRITTEN_FOR = {"keras-tuner": ("1.4", kt.__version__), "tensorflow": ("2.21", tf.__version__)}
+WRITTEN_FOR = {"keras-tuner": ("1.4", kt.__version__), "tensorflow": ("2.21", tf.__version__),
+               "keras": ("3.15", keras.__version__)}
 
 
 class LibraryVersionError(UserError):
@@ -129,3 +136,17 @@ _require(_kt_config, "DEBUG")
 def hide_failed_trial_tracebacks():
     """Stops KerasTuner from printing the traceback of each failed trial."""
     _kt_config.DEBUG = False
+
+
+# 8.
+_require(keras.Model, "_symbolic_build")
+
+
+def build_before_tracing(model, dataset):
+    """Creates `model`'s optimizer and metric variables from `dataset`'s element shapes
+    (no data is read, so its shuffle order is untouched), so its first `fit` traces the
+    train step once, not twice. Needs `model` compiled."""
+    batch = tf.nest.map_structure(lambda spec: tf.zeros([d or 1 for d in spec.shape], spec.dtype),
+                                  dataset.element_spec)
+    with model.distribute_strategy.scope():
+        model._symbolic_build(data_batch=batch)

@@ -12,16 +12,18 @@ import time
 import keras
 import numpy as np
 
-from common.shims import SaveBestEpoch
+from common.shims import SaveBestEpoch, build_before_tracing
 from data_pipeline.feature_cache import feature_batches
 from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import AtomicCheckpoint, FailOnNaN, StepTimer, Timed, TrialClock
-from hypermodel.model import PREFIX_NAME, TOP_NAME, set_unfrozen_blocks_trainable
+from hypermodel.model import PREFIX_NAME, SUFFIX_NAME, TOP_NAME, set_unfrozen_blocks_trainable
 from hypermodel.schedules import WarmupSchedule
 
 
-CACHED_STEPS_PER_EXECUTION = 32  # a cached top's step is milliseconds: Keras' per-step cost would dominate
+# A cached head's step is milliseconds, so Keras' per-step cost would dominate; a top with
+# backbone blocks takes tens of ms a step, and a multi-step loop costs more to trace than it saves.
+CACHED_HEAD_STEPS_PER_EXECUTION = 32
 
 
 def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=None, steps_per_execution=1):
@@ -78,6 +80,7 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         batch_size, shuffle_seed=seed, augmentation=config.augmentation,
     )
     val_ds = make_dataset(data.x_val, data.y_val, config.resolution, preprocess_input, batch_size)
+    build_before_tracing(model, train_ds)
     history = model.fit(train_ds, validation_data=val_ds, callbacks=timed(callbacks, seconds), **fit)
     return history, mode
 
@@ -133,12 +136,15 @@ def fit_on_features(model, config, data, batch_size, seed, learning_rate, callba
     train_features, val_features = features(data.x_train, "train"), features(data.x_val, "val")
     if seconds is not None:
         seconds["features"] = seconds.get("features", 0.0) + time.perf_counter() - started
+    head_only = not any(layer.name == SUFFIX_NAME for layer in top.layers)
     compile_for_training(top, config, math.ceil(len(train_features) / batch_size),
                          fit["epochs"] - fit["initial_epoch"], learning_rate,
-                         steps_per_execution=CACHED_STEPS_PER_EXECUTION)
+                         steps_per_execution=CACHED_HEAD_STEPS_PER_EXECUTION if head_only else 1)
     callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]
+    train_batches = feature_batches(train_features, data.y_train, batch_size, seed)
+    build_before_tracing(top, train_batches)
     return top.fit(
-        feature_batches(train_features, data.y_train, batch_size, seed),
+        train_batches,
         validation_data=feature_batches(val_features, data.y_val, batch_size),
         callbacks=timed(callbacks, seconds), **fit,
     )

@@ -272,6 +272,34 @@ def test_fitting_a_model_registers_custom_gradients_and_forget_drops_only_the_ne
     fit_tiny_model()  # TensorFlow still trains after entries were dropped
 
 
+# 8. build_before_tracing ---------------------------------------------------------------
+
+
+def train_step_traces(build_first):
+    """How often Keras traces the train step of a fresh compiled model in its first fit."""
+    import tensorflow as tf
+
+    x, y = tiny_data()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    traces = []
+    step = model.train_step
+    model.train_step = lambda data: traces.append(1) or step(data)  # runs once per trace
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(32, seed=0).batch(16)
+    if build_first:
+        shims.build_before_tracing(model, dataset)
+        assert model.optimizer.built
+    history = model.fit(dataset, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+    return len(traces)
+
+
+def test_keras_traces_the_first_train_step_twice_unless_its_variables_are_built_first():
+    assert train_step_traces(build_first=False) == 2, "Keras now builds before tracing: drop shim 8"
+    assert train_step_traces(build_first=True) == 1
+
+
 # Consecutive failures (tuning.tuner.BudgetedOracleMixin, with KerasTuner's own check off) --
 
 
