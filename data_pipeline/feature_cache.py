@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import atomic
-from data_pipeline.pipeline import make_dataset
+from data_pipeline.pipeline import batch_order, make_dataset
 
 BYTES_PER_VALUE = 2  # float16 storage
 
@@ -119,21 +119,19 @@ class FeatureCache:
         atomic.write_json(self._path(digest).with_suffix(".json"), {"key": key, "sha256": _sha(array)})
 
 
-def feature_batches(features, labels, batch_size, shuffle_seed=None):
+def feature_batches(features, labels, batch_size, shuffle_seed=None, stream_from=None):
     """Batches of cached float16 features (as float32), in exactly the order
-    `make_dataset` batches the images with the same seed (range → shuffle → batch, as
-    `indexed_batches`). The features are one tensor and each batch a `tf.gather` in
-    the graph: a head's step takes milliseconds, so no Python runs per batch."""
+    `make_dataset` batches the images with the same arguments (`batch_order`). The
+    features are one tensor and each batch a `tf.gather` in the graph: a head's step
+    takes milliseconds, so no Python runs per batch."""
     features = tf.constant(features)
     labels = tf.constant(np.asarray(labels, dtype=np.int32))
-    order = tf.data.Dataset.range(len(labels))
-    if shuffle_seed is not None:
-        order = order.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def gather(indices):
         return tf.cast(tf.gather(features, indices), tf.float32), tf.gather(labels, indices)
 
-    return order.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    order = batch_order(len(labels), batch_size, shuffle_seed, stream_from)
+    return order.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def _sha(array):

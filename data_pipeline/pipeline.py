@@ -90,6 +90,7 @@ def make_dataset(
     batch_size=64,
     shuffle_seed=None,
     augmentation="none",
+    stream_from=None,
 ):
     """The tf.data pipeline: gather stored images → augment → RGB → resize → preprocess.
 
@@ -102,6 +103,8 @@ def make_dataset(
         shuffle_seed: None for a fixed order (evaluation); an int to reshuffle each
             epoch in a seeded order (training).
         augmentation: One of `AUGMENTATIONS`; applied only when training.
+        stream_from: None for one pass; else an endless stream of passes starting at
+            this batch (see `batch_order`).
 
     Returns:
         A `tf.data.Dataset` of (images, labels) or images batches.
@@ -118,24 +121,41 @@ def make_dataset(
         x = prepare_images(x, resolution, preprocess_input)
         return (x, *y) if y else x
 
-    ds = indexed_batches(images, labels, batch_size, shuffle_seed)
+    ds = indexed_batches(images, labels, batch_size, shuffle_seed, stream_from)
     return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def indexed_batches(images, labels, batch_size, shuffle_seed=None):
-    """Batches gathered by index from `images` (and `labels`), optionally shuffled.
+def batch_order(count, batch_size, shuffle_seed=None, stream_from=None):
+    """Batches of element indices 0..count-1: the one order every pipeline here follows.
 
     tf.data's shuffle order depends only on the element count and the seeds, so any
-    two arrays of the same length batched here with the same seed line up: the feature
-    cache relies on this to feed the same batches as the image pipeline.
+    two arrays of the same length batched in this order with the same seed line up: the
+    feature cache relies on this to feed the same batches as the image pipeline.
+
+    Args:
+        shuffle_seed: None for a fixed order; an int to reshuffle each pass in a seeded order.
+        stream_from: None for one pass; else an endless stream of passes (each reshuffled)
+            that starts at this batch. A search epoch shorter than a pass reads such a
+            stream, and a Hyperband round that continues a trial picks it up where the
+            trial's earlier rounds stopped, so no image is seen twice before the pass ends.
+    """
+    ds = tf.data.Dataset.range(count)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(count, seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if stream_from is not None:
+        ds = ds.repeat().skip(stream_from)  # skips index batches: nothing is gathered
+    return ds
+
+
+def indexed_batches(images, labels, batch_size, shuffle_seed=None, stream_from=None):
+    """Batches gathered by index from `images` (and `labels`) in `batch_order`.
 
     Args:
         images: A numpy array (or anything whose `gather(indices)` / `[indices]` does that).
         labels: int vector, or None.
     """
-    ds = tf.data.Dataset.range(len(images))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = batch_order(len(images), batch_size, shuffle_seed, stream_from)
     take = getattr(images, "gather", None) or images.__getitem__
 
     def gather(indices):
@@ -150,4 +170,4 @@ def indexed_batches(images, labels, batch_size, shuffle_seed=None):
         out[1].set_shape([None])
         return out[0], out[1]
 
-    return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)

@@ -50,7 +50,10 @@ class StepTimer(keras.callbacks.Callback):
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Wraps KerasTuner's best-epoch checkpoint (`SaveBestEpoch`).
 
-    - Saves go to a temporary file renamed over the checkpoint, so a kill mid-save
+    - The best epoch's weights are held in memory and written once, when training ends
+      (a save of the whole model costs about half a second: one per trial, not one per
+      improving epoch).
+    - The write goes to a temporary file renamed over the checkpoint, so a kill mid-save
       never leaves a truncated checkpoint for the next Hyperband round to load.
     - `bind(model)` pins it to the end-to-end model while Keras trains only the top
       part (feature cache), so checkpoints stay loadable into `build(hp)`.
@@ -60,6 +63,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.callback = callback
         self.full_model = None
+        self.best_weights = None
 
     def bind(self, full_model):
         self.full_model = full_model
@@ -72,23 +76,32 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.callback.set_params(params)
 
     def on_train_begin(self, logs=None):
+        self.best_weights = None
         self.callback.on_train_begin(logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        final = self.callback.filepath
-        tmp = final.replace(".weights.h5", ".tmp.weights.h5")
-        self.callback.filepath = tmp
-        try:
-            self.callback.on_epoch_end(epoch, logs)
-        finally:
-            self.callback.filepath = final
-        if os.path.exists(tmp):
-            os.replace(tmp, final)
+        objective = self.callback.objective
+        if objective.has_value(logs):  # as SaveBestEpoch decides; without a value, every epoch is kept
+            value = objective.get_value(logs)
+            if not objective.better_than(value, self.callback.best_value):
+                return
+            self.callback.best_value = value
+        self.best_weights = self.callback.model.get_weights()
 
     def on_train_end(self, logs=None):
         self.callback.on_train_end(logs)
-
-
+        if self.best_weights is None:
+            return
+        model, final = self.callback.model, self.callback.filepath
+        latest = model.get_weights()
+        model.set_weights(self.best_weights)
+        tmp = final.replace(".weights.h5", ".tmp.weights.h5")
+        try:
+            model.save_weights(tmp)
+        finally:
+            model.set_weights(latest)
+        os.replace(tmp, final)
+        self.best_weights = None
 
 
 class TrialClock(keras.callbacks.Callback):

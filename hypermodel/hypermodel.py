@@ -1,5 +1,6 @@
 """TransferHyperModel: KerasTuner's view of the models layer (declare, build, fit a trial)."""
 
+import math
 import time
 
 import keras
@@ -20,13 +21,15 @@ class TransferHyperModel(kt.HyperModel):
         weights: "imagenet" or "none".
         batch_size: Training batch size.
         seed: Seeds initialisation and shuffling.
-        early_stopping_patience: Epochs without val_accuracy gain before a trial stops.
+        early_stopping_patience: Passes over the training data without val_accuracy gain
+            before a trial stops.
         feature_cache: A `FeatureCache`, or None to always train end to end.
         limits: Deployment `Limits`: a trial whose model breaks one is rejected untrained.
+        epoch_fraction: The share of a pass one epoch (Hyperband's unit) trains on.
     """
 
     def __init__(self, choices, num_classes, weights="imagenet", batch_size=64, seed=0,
-                 early_stopping_patience=2, feature_cache=None, limits=Limits()):
+                 early_stopping_patience=2, feature_cache=None, limits=Limits(), epoch_fraction=1.0):
         super().__init__(name="transfer")
         self.choices = choices
         self.num_classes = num_classes
@@ -36,6 +39,7 @@ class TransferHyperModel(kt.HyperModel):
         self.early_stopping_patience = early_stopping_patience
         self.feature_cache = feature_cache
         self.footprints = FootprintChecker(limits)
+        self.epoch_fraction = epoch_fraction
 
     def declare_hyperparameters(self, hp):
         space.declare(hp, self.choices)
@@ -74,14 +78,15 @@ class TransferHyperModel(kt.HyperModel):
         seconds["footprint"] = time.perf_counter() - started
         callbacks = list(callbacks) + [
             keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=self.early_stopping_patience
+                monitor="val_accuracy", mode="max",
+                patience=math.ceil(self.early_stopping_patience / self.epoch_fraction),
             ),
         ]
         started = time.perf_counter()
         history, mode = train(
             model, config, data, batch_size=self.batch_size, seed=self.seed, epochs=epochs,
             initial_epoch=initial_epoch, callbacks=callbacks, feature_cache=self.feature_cache,
-            verbose=verbose, seconds=seconds,
+            verbose=verbose, seconds=seconds, epoch_fraction=self.epoch_fraction,
         )
         history.fit_mode = mode
         history.train_seconds = time.perf_counter() - started  # the trial's cost less building, measuring

@@ -45,7 +45,7 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
 
 
 def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,
-          callbacks=(), feature_cache=None, verbose=0, seconds=None):
+          callbacks=(), feature_cache=None, verbose=0, seconds=None, epoch_fraction=1.0):
     """Compiles and fits `model` on `data`, on cached prefix features when possible.
 
     Args:
@@ -57,6 +57,9 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         feature_cache: A `FeatureCache`, or None to train end to end.
         seconds: Optional dict that receives where the time went ("features",
             "trace", "train", "validate", "checkpoint", "tensorboard").
+        epoch_fraction: The share of a pass over `data.x_train` one epoch trains on
+            (search trials); below 1 the epochs read one stream of passes, from where
+            `initial_epoch` left it.
 
     Returns:
         (History, how it trained: "cached" or "end-to-end[: reason]").
@@ -65,19 +68,23 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
     callbacks.append(FailOnNaN())
     # shuffle=False: the tf.data pipelines shuffle, in a seeded order (Keras would warn).
     fit = dict(epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, shuffle=False)
+    steps_per_epoch, stream_from = math.ceil(len(data.x_train) / batch_size), None
+    if epoch_fraction < 1:
+        steps_per_epoch = max(1, round(steps_per_epoch * epoch_fraction))
+        stream_from = initial_epoch * steps_per_epoch
+        fit["steps_per_epoch"] = steps_per_epoch
     mode = "end-to-end"
     if feature_cache is not None:
         reason = why_not_cached(model, config, data, feature_cache)
         if reason is None:
             return fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks,
-                                   feature_cache, seconds, **fit), "cached"
+                                   feature_cache, seconds, steps_per_epoch, stream_from, **fit), "cached"
         mode = f"end-to-end: {reason}"
-    compile_for_training(model, config, math.ceil(len(data.x_train) / batch_size), epochs - initial_epoch,
-                         learning_rate)
+    compile_for_training(model, config, steps_per_epoch, epochs - initial_epoch, learning_rate)
     preprocess_input = get_backbone(config.backbone).preprocess_input
     train_ds = make_dataset(
         data.x_train, data.y_train, config.resolution, preprocess_input,
-        batch_size, shuffle_seed=seed, augmentation=config.augmentation,
+        batch_size, shuffle_seed=seed, augmentation=config.augmentation, stream_from=stream_from,
     )
     val_ds = make_dataset(data.x_val, data.y_val, config.resolution, preprocess_input, batch_size)
     build_before_tracing(model, train_ds)
@@ -116,8 +123,8 @@ def why_not_cached(model, config, data, feature_cache):
     return None
 
 
-def fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks, feature_cache, seconds=None,
-                    **fit):
+def fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks, feature_cache, seconds,
+                    steps_per_epoch, stream_from, **fit):
     """Trains `model`'s trainable top on the frozen prefix's cached activations.
 
     The top shares its weights with `model`, so `model` is trained too; checkpoints
@@ -137,11 +144,10 @@ def fit_on_features(model, config, data, batch_size, seed, learning_rate, callba
     if seconds is not None:
         seconds["features"] = seconds.get("features", 0.0) + time.perf_counter() - started
     head_only = not any(layer.name == SUFFIX_NAME for layer in top.layers)
-    compile_for_training(top, config, math.ceil(len(train_features) / batch_size),
-                         fit["epochs"] - fit["initial_epoch"], learning_rate,
+    compile_for_training(top, config, steps_per_epoch, fit["epochs"] - fit["initial_epoch"], learning_rate,
                          steps_per_execution=CACHED_HEAD_STEPS_PER_EXECUTION if head_only else 1)
     callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]
-    train_batches = feature_batches(train_features, data.y_train, batch_size, seed)
+    train_batches = feature_batches(train_features, data.y_train, batch_size, seed, stream_from)
     build_before_tracing(top, train_batches)
     return top.fit(
         train_batches,

@@ -150,7 +150,7 @@ def _phase_epochs(best, settings, epochs, deadline):
     """(phase 1, phase 2) epochs; phase 2 None = fit it to the deadline."""
     if epochs:
         return epochs, epochs
-    searched = max(1, int(best.get("epochs") or settings.max_epochs))
+    searched = max(1, round((best.get("epochs") or settings.max_epochs) * settings.epoch_fraction))  # passes
     phase1, phase2 = settings.retrain_epochs or (None, None)
     if deadline is not None:
         return phase1 or searched, None

@@ -90,6 +90,10 @@ def export_formats(text):
     return tuple(dict.fromkeys(values))
 
 
+def share(text):
+    return _checked_float(text, lambda v: 0.0 < v <= 1.0, "a share above 0 and at most 1")
+
+
 def positive_float(text):
     return _checked_float(text, lambda v: v > 0, "a number > 0")
 
@@ -191,6 +195,9 @@ SETTINGS = (
     Setting("max_epochs", 4, "Hyperband's most epochs per trial (random/bayesian: epochs per trial)",
             "--max-epochs", positive_int, example="2"),
     Setting("factor", 3, "Hyperband's reduction factor", "--factor", positive_int, example="2"),
+    Setting("epoch_fraction", 1.0, "share of the training slice one search epoch covers (Hyperband's unit): "
+            "below 1, a trial's first rounds judge it on part of a pass and later rounds continue the pass",
+            "--epoch-fraction", share, example="0.5"),
     Setting("hyperband_iterations", 1, "Hyperband brackets sweeps", "--hyperband-iterations", positive_int,
             example="2"),
     Setting("max_trials", 10, "trials for random/bayesian", "--max-trials", positive_int, example="4"),

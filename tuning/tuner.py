@@ -393,6 +393,7 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         settings.choices, data.num_classes, weights=settings.weights, batch_size=settings.batch_size,
         seed=settings.seed, early_stopping_patience=settings.early_stopping_patience,
         feature_cache=feature_cache, limits=Limits(settings.max_latency_ms, settings.max_model_mb),
+        epoch_fraction=settings.epoch_fraction,
     )
     tuner = make_tuner(settings, hypermodel, run_dir, worker=worker, log=log, deadline=deadline,
                        distribution_strategy=distribution_strategy(settings.strategy))
