@@ -72,13 +72,13 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
     if epoch_fraction < 1:
         steps_per_epoch = max(1, round(steps_per_epoch * epoch_fraction))
         stream_from = initial_epoch * steps_per_epoch
-        fit["steps_per_epoch"] = steps_per_epoch
+        fit["steps_per_epoch"] = steps_per_epoch  # the stream is endless
     mode = "end-to-end"
     if feature_cache is not None:
         reason = why_not_cached(model, config, data, feature_cache)
         if reason is None:
             return fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks,
-                                   feature_cache, seconds, steps_per_epoch, stream_from, **fit), "cached"
+                                   feature_cache, seconds, stream_from, **fit), "cached"
         mode = f"end-to-end: {reason}"
     compile_for_training(model, config, steps_per_epoch, epochs - initial_epoch, learning_rate)
     preprocess_input = get_backbone(config.backbone).preprocess_input
@@ -124,7 +124,7 @@ def why_not_cached(model, config, data, feature_cache):
 
 
 def fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks, feature_cache, seconds,
-                    steps_per_epoch, stream_from, **fit):
+                    stream_from, **fit):
     """Trains `model`'s trainable top on the frozen prefix's cached activations.
 
     The top shares its weights with `model`, so `model` is trained too; checkpoints
@@ -144,6 +144,7 @@ def fit_on_features(model, config, data, batch_size, seed, learning_rate, callba
     if seconds is not None:
         seconds["features"] = seconds.get("features", 0.0) + time.perf_counter() - started
     head_only = not any(layer.name == SUFFIX_NAME for layer in top.layers)
+    steps_per_epoch = fit.get("steps_per_epoch") or math.ceil(len(train_features) / batch_size)
     compile_for_training(top, config, steps_per_epoch, fit["epochs"] - fit["initial_epoch"], learning_rate,
                          steps_per_execution=CACHED_HEAD_STEPS_PER_EXECUTION if head_only else 1)
     callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]

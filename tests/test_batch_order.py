@@ -62,3 +62,25 @@ def test_unshuffled_batches_keep_the_input_order(images):
     end_to_end = np.concatenate(epochs_of_labels(make_dataset(images, ids, 32, preprocess_input, BATCH), epochs=1)[0])
     np.testing.assert_array_equal(cached, ids)
     np.testing.assert_array_equal(end_to_end, ids)
+
+
+def test_a_stream_of_passes_read_in_rounds_continues_where_the_last_round_stopped(images):
+    """Search epochs shorter than a pass (`--epoch-fraction`): a Hyperband round that
+    continues a trial starts its stream at the batch the earlier rounds reached."""
+    ids = np.arange(COUNT)
+    features = images.astype(np.float16)[..., np.newaxis] / 255
+    steps = 4  # batches per search epoch: 10 batches make a pass
+    whole = [y.numpy() for _, y in feature_batches(features, ids, BATCH, 5, stream_from=0).take(5 * steps)]
+    first_round = [y.numpy() for _, y in feature_batches(features, ids, BATCH, 5, stream_from=0).take(steps)]
+    later_round = [y.numpy() for _, y in feature_batches(features, ids, BATCH, 5, stream_from=steps).take(4 * steps)]
+    for a, b in zip(first_round + later_round, whole, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Each pass of the stream holds every image once, in a new order, and the first
+    # round's images are not seen again before the pass ends.
+    passes = [np.concatenate(whole[i:i + 10]) for i in (0, 10)]
+    assert all(sorted(p) == list(ids) for p in passes) and not np.array_equal(passes[0], passes[1])
+    assert not set(np.concatenate(first_round)) & set(np.concatenate(whole[steps:10]))
+    # The image pipeline streams the same batches.
+    images_stream = make_dataset(images, ids, 32, preprocess_input, BATCH, shuffle_seed=5, stream_from=steps)
+    for a, (_, b) in zip(later_round, images_stream.take(4 * steps), strict=True):
+        np.testing.assert_array_equal(a, b.numpy())

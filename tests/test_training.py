@@ -1,0 +1,79 @@
+"""The training loop's search-time behaviour: partial-pass epochs and best-epoch checkpoints."""
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pytest
+
+from common.shims import SaveBestEpoch
+from data_pipeline import load_dataset
+from data_pipeline.feature_cache import FeatureCache
+from data_pipeline.splits import TrainingData
+from hypermodel.model import build_transfer_model
+from hypermodel.space import TrialConfig
+from hypermodel.training import train
+
+
+def config(unfrozen_blocks=2, learning_rate=3e-3):
+    return TrialConfig("mobilenet_v2_0.35", 32, unfrozen_blocks, "avg", 64, 0.0, learning_rate, "constant", 0,
+                       "adam", "none")
+
+
+@pytest.fixture(scope="module")
+def data():
+    dataset = load_dataset()
+    return TrainingData(dataset.x_train[:320], dataset.y_train[:320], dataset.x_train[320:480],
+                        dataset.y_train[320:480], dataset.num_classes, key="slice")
+
+
+class Batches(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.per_epoch = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.per_epoch.append(0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.per_epoch[-1] += 1
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_an_epoch_fraction_trains_that_share_of_a_pass_per_epoch(data, cached):
+    batches = Batches()
+    history, mode = train(build_transfer_model(config(), 10), config(), data, batch_size=32, seed=0, epochs=3,
+                          callbacks=[batches], feature_cache=FeatureCache(None) if cached else None,
+                          epoch_fraction=0.3)
+    assert mode == ("cached" if cached else "end-to-end")
+    assert batches.per_epoch == [3, 3, 3]  # 10 batches make a pass; 0.3 of it is 3
+    assert len(history.history["val_accuracy"]) == 3  # every epoch is scored on all validation images
+    # A later Hyperband round (initial_epoch) runs only its own epochs.
+    history, _ = train(build_transfer_model(config(), 10), config(), data, batch_size=32, seed=0, epochs=5,
+                       initial_epoch=3, callbacks=[batches], epoch_fraction=0.3)
+    assert batches.per_epoch == [3, 3] and history.epoch == [3, 4]
+
+
+def test_the_checkpoint_holds_the_best_epochs_weights_written_once(data, tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.weights.h5")
+    checkpoint = SaveBestEpoch(kt.Objective("val_accuracy", "max"), path)
+    model = build_transfer_model(config(learning_rate=1e-2), 10)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((logs["val_accuracy"], model.get_weights()))
+
+    saves = []
+    save_weights = keras.Model.save_weights
+    monkeypatch.setattr(keras.Model, "save_weights", lambda self, p, *a, **k: saves.append(p) or
+                        save_weights(self, p, *a, **k))
+    train(model, config(learning_rate=1e-2), data, batch_size=32, seed=0, epochs=4,
+          callbacks=[checkpoint, Record()], feature_cache=FeatureCache(None))
+    assert len(saves) == 1 and not list(tmp_path.glob("*.tmp.*"))
+    best = max(range(len(seen)), key=lambda i: (seen[i][0], -i))  # the first epoch with the top score
+    restored = build_transfer_model(config(), 10)
+    restored.load_weights(path)
+    for got, expected in zip(restored.get_weights(), seen[best][1], strict=True):
+        np.testing.assert_array_equal(got, expected)
+    # The model itself keeps its last epoch's weights.
+    for got, expected in zip(model.get_weights(), seen[-1][1], strict=True):
+        np.testing.assert_array_equal(got, expected)
