@@ -150,6 +150,8 @@ def resolve_settings(options):
     profile = given.pop("profile", None) or default_profile_name()
     given.setdefault("run_dir", default_run_dir())
     settings = resolve(profile, PROFILES[profile], given)
+    if settings.distributed and "workers" not in given:
+        settings = dataclasses.replace(settings, workers=1)  # each process is one worker
     check_distributed(settings)
     return settings
 
@@ -168,6 +170,9 @@ def check_distributed(settings):
             raise UsageError("--overwrite: a worker must not delete the run dir it shares with the chief")
     elif settings.worker_id:
         raise UsageError("--worker-id is for `--distributed worker` only")
+    if settings.distributed and settings.workers > 1:
+        raise UsageError(f"--workers {settings.workers} starts workers on this machine: it does not go with "
+                         f"--distributed {settings.distributed} (start each worker yourself)")
 
 
 def quiet_import_tensorflow():

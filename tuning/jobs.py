@@ -188,15 +188,20 @@ def search(settings, explicit=(), source=None):
     """
     from data_pipeline.feature_cache import FeatureCache
     from tuning.run_dir import prepare_run_dir
-    from tuning.tuner import configure_distributed, run_search
+    from tuning.tuner import configure_distributed, end_distributed, run_search
 
     source = source or load_source(settings)  # bad data is refused before anything else happens
     if isinstance(source, ImageFiles):
         settings = for_image_files(settings, source, "resolutions" in explicit)
     settings, dropped = with_available_backbones(settings, "backbones" in explicit)
-    worker = "local"
+    worker, workers = "local", None
     if settings.distributed:
         worker = configure_distributed(settings.distributed, settings.oracle, settings.worker_id)
+    elif settings.workers > 1:
+        from tuning.local_workers import LocalWorkers
+
+        workers = LocalWorkers(settings.workers, log=log)
+        worker = configure_distributed("chief", workers.oracle)
     run_dir = prepare_run_dir(settings, source, dropped)
     dataset = materialize(source, settings, run_dir)
     if dataset.files is not None:
@@ -213,7 +218,15 @@ def search(settings, explicit=(), source=None):
     if settings.feature_cache:
         cache = FeatureCache(run_dir / "feature_cache", budget_mb=settings.cache_budget_mb, log=log)
     started = time.time()
-    result = run_search(settings, data, run_dir, feature_cache=cache, log=log, worker=worker)
+    if workers is None:
+        result = run_search(settings, data, run_dir, feature_cache=cache, log=log, worker=worker)
+    else:
+        workers.start(run_dir)
+        try:
+            result = run_search(settings, data, run_dir, log=log, worker=worker, until=workers.wait)
+        finally:
+            workers.stop()
+            end_distributed()
     _record_stage(run_dir, "search", time.time() - started)
     if result["stopped_by_budget"]:
         log("time budget reached: search stopped cleanly; rerun the same command to continue it")
@@ -230,6 +243,24 @@ def search(settings, explicit=(), source=None):
             "learning_rate", "lr_schedule", "val_accuracy", "epochs", "train_s", "seconds", "latency_ms"]))
     if result["best"] is None:
         raise NoCompletedTrial(no_trial_message(result["leaderboard"], run_dir))
+    return 0
+
+
+def search_worker(run_dir, oracle, worker_id):
+    """One of `search`'s local workers (`tuning/local_workers.py` starts it): trains the
+    trials the chief at `oracle` hands out, with the run's settings from config.json."""
+    from data_pipeline.feature_cache import FeatureCache
+    from tuning.run_dir import read_config
+    from tuning.settings import Settings
+    from tuning.tuner import configure_distributed, run_search
+
+    settings = Settings.from_dict(read_config(run_dir)["settings"])
+    worker = configure_distributed("worker", oracle, worker_id)
+    data = search_data(materialize(load_source(settings), settings, run_dir), settings)
+    cache = None
+    if settings.feature_cache:
+        cache = FeatureCache(run_dir / "feature_cache", budget_mb=settings.cache_budget_mb, log=log)
+    run_search(settings, data, run_dir, feature_cache=cache, log=log, worker=worker)
     return 0
 
 

@@ -56,6 +56,9 @@ PROFILES = {
         # and the best go on to 9 rounds (3 passes, as many as before), so a bracket
         # judges 9 configurations where a whole-pass unit allowed 3.
         epoch_fraction=1 / 3,
+        # Two trials at once, one core each: a trial's tracing and bookkeeping are single-
+        # threaded Python, and a 64-96 px top's small tensors leave a second core half idle.
+        workers=2,
         max_epochs=9,
         factor=3,
         hyperband_iterations=3,  # more brackets than the budget allows: the budget ends it

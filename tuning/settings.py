@@ -195,6 +195,9 @@ SETTINGS = (
     Setting("max_epochs", 4, "Hyperband's most epochs per trial (random/bayesian: epochs per trial)",
             "--max-epochs", positive_int, example="2"),
     Setting("factor", 3, "Hyperband's reduction factor", "--factor", positive_int, example="2"),
+    Setting("workers", 1, "trials trained at once by worker processes on this machine, each on its share "
+            "of the cores (KerasTuner's chief/worker mode on 127.0.0.1)", "--workers", positive_int,
+            resumable=True, example="2"),
     Setting("epoch_fraction", 1.0, "share of the training slice one search epoch covers (Hyperband's unit): "
             "below 1, a trial's first rounds judge it on part of a pass and later rounds continue the pass",
             "--epoch-fraction", share, example="0.5"),

@@ -342,6 +342,7 @@ def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadlin
         raise ValueError(f"tuner {settings.tuner!r} is not one of {TUNERS}")
     oracle.max_epochs_per_trial = settings.max_epochs
     oracle.max_failures = settings.max_consecutive_failures
+    oracle.verbose = settings.verbose  # KerasTuner sets it in `search` too, but not on a worker
     tuner_class = HyperbandTransferTuner if settings.tuner == "hyperband" else TransferTuner
     tuner = tuner_class(
         oracle, hypermodel, run_dir, worker=worker, log=log, distribution_strategy=distribution_strategy
@@ -371,7 +372,7 @@ def _fail_silent_trials(oracle, timeout, every=5.0):
         oracle.fail_silent_trials(timeout)
 
 
-def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="local"):
+def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="local", until=None):
     """Runs (or resumes) the search into `run_dir`.
 
     Args:
@@ -381,6 +382,9 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         feature_cache: Optional `FeatureCache`.
         worker: "local"; in distributed mode "chief" (serves the oracle) or the worker id
             (KERASTUNER_* variables must then be set: see `configure_distributed`).
+        until: For a chief whose workers it started itself: returns once they all ended the
+            search (`LocalWorkers.wait`). KerasTuner's chief then serves on in a daemon
+            thread instead of polling every 20 s for workers that are gone.
 
     Returns:
         A dict: trials, completed, stopped_by_budget, best (best_hparams.json or None).
@@ -410,7 +414,11 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
     # each collection only the trials' own objects.
     gc.collect()
     gc.freeze()
-    tuner.search(data, callbacks=[tensorboard], verbose=settings.verbose)
+    if until is None:
+        tuner.search(data, callbacks=[tensorboard], verbose=settings.verbose)
+    else:
+        threading.Thread(target=tuner.search, args=(data,), daemon=True).start()
+        until()
     frame = leaderboard.write(run_dir)
     stop_reason = getattr(tuner.oracle, "stop_reason", None)  # a worker's oracle is a gRPC client
     if stop_reason:
@@ -439,3 +447,9 @@ def configure_distributed(role, oracle_address, worker_id=None):
     name = "chief" if role == "chief" else worker_id
     os.environ.update(KERASTUNER_TUNER_ID=name, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port)
     return name
+
+
+def end_distributed():
+    """Unsets what `configure_distributed` set (the job goes on alone after its search)."""
+    for name in ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT"):
+        os.environ.pop(name, None)
