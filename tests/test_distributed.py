@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,3 +117,28 @@ def test_a_trial_trains_under_mirrored_strategy_on_two_logical_cpus(tmp_path):
                             text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "MIRRORED OK" in result.stdout
+
+
+def test_local_workers_share_one_search_and_the_job_goes_on_alone(tmp_path):
+    """`--workers 2`: this process serves the oracle on 127.0.0.1, two worker processes
+    it started train the trials, and the command ends with the usual results."""
+    run_dir = tmp_path / "run"
+    search = start_cli(*SEARCH, "--run-dir", run_dir, "--max-trials", "4", "--workers", "2")
+    code, out = finish(search)
+    assert code == 0, out[-3000:]
+    assert re.search(r"2 local workers \(\d+ threads? each\) ask the oracle at 127\.0\.0\.1:\d+", out), out[-3000:]
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str})
+    assert len(board) == 4 and (board["status"] == "COMPLETED").all()
+    assert set(board["worker"]) == {"local-1", "local-2"}
+    assert set(oracle_trials(run_dir)) == set(board["trial_id"])
+    best = json.loads((run_dir / "best_hparams.json").read_text())
+    assert best["val_accuracy"] == pytest.approx(board["val_accuracy"].max())
+    assert "Best val_accuracy So Far" not in out  # KerasTuner's own display stays quiet on workers
+
+
+def test_local_workers_do_not_go_with_a_distributed_role(tmp_path):
+    from cli import assert_user_error, run_cli
+
+    result = run_cli(*SEARCH, "--run-dir", tmp_path / "run", "--workers", "2", "--distributed", "chief")
+    assert_user_error(result, "--workers 2", "--distributed chief")
+    assert not (tmp_path / "run").exists()

@@ -259,3 +259,22 @@ def test_gpu_profile_runs_on_cpu_with_a_tiny_budget(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["phase2"]["augmentation"] == "flip_shift_erase" and metrics["phase2"]["epochs"] >= 1
     assert metrics["export"]["passed"] and metrics["export"]["flip_tta"] == metrics["tta"]["used"]
+
+
+def test_a_long_rounds_cost_is_estimated_from_fixed_cost_plus_its_rate_not_from_one_round_trials():
+    """Short Hyperband rounds are mostly fixed cost: a search that read a nine-round trial's
+    cost off one-round trials (seconds / rounds) would stop with minutes unused."""
+    from tuning.tuner import estimate_trial_seconds
+
+    fixed, rate = {"a": 8.0, "b": 8.0}, {"a": 3.0, "b": 9.0}  # how these made-up trials cost
+    runs = [("a", 1), ("a", 1), ("a", 1), ("b", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 6)]
+    costs = [[key, n, fixed[key] + rate[key] * n] for key, n in runs]
+    costs[0][2] += 13.0  # the first trial of "a" also computed its cached features
+    for key in ("a", "b"):
+        truth = fixed[key] + rate[key] * 9
+        assert estimate_trial_seconds(costs, key, 9) == pytest.approx(truth, rel=0.3), key
+    assert estimate_trial_seconds(costs, "a", 9) < 9 * (8 + 3 + 13) / 2  # far below seconds / rounds
+    # A new architecture is priced at the rate of all trials; one trial length alone gives no
+    # fixed cost, so the estimate is proportional (and pessimistic).
+    assert estimate_trial_seconds(costs, "new", 9) > estimate_trial_seconds(costs, "a", 9)
+    assert estimate_trial_seconds([["a", 1, 10.0], ["a", 1, 12.0]], "a", 9) == pytest.approx(99.0)

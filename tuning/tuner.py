@@ -17,6 +17,7 @@ from pathlib import Path
 
 import keras
 import keras_tuner as kt
+import numpy as np
 
 from common import atomic, shims
 from common.errors import UserError
@@ -36,9 +37,8 @@ class SearchStopped(UserError):
 class BudgetedOracleMixin:
     """Stops the search (status STOPPED) instead of starting a trial that would overrun.
 
-    A trial's cost is estimated from the seconds per epoch of finished trials, of the
-    same backbone and resolution when there are any, else of all (conservatively,
-    the maximum), times the epochs the new trial would run.
+    A trial's cost is estimated as a fixed cost plus seconds per epoch times the epochs
+    it would run (`estimate_trial_seconds`), from the finished trials.
     """
 
     deadline = None  # time.time() by which the search must be done; set per command.
@@ -96,9 +96,7 @@ class BudgetedOracleMixin:
         started = self._started.pop(trial.trial_id, None)
         if started is not None and trial.status == "COMPLETED":
             values = trial.hyperparameters.values
-            self._epoch_seconds.append(
-                [_cost_key(values), (time.time() - started) / max(1, _epochs_to_run(values, self))]
-            )
+            self._trial_costs.append([_cost_key(values), max(1, _epochs_to_run(values, self)), time.time() - started])
         super().end_trial(trial)
         self._stop_after_consecutive_failures()
 
@@ -119,11 +117,9 @@ class BudgetedOracleMixin:
             self.stop_reason = f"{run} trials in a row failed"
 
     def estimate_seconds(self, values):
-        if not self._epoch_seconds:
+        if not self._trial_costs:
             return None
-        same = [s for key, s in self._epoch_seconds if key == _cost_key(values)]
-        per_epoch = max(same) if same else max(s for _, s in self._epoch_seconds)
-        return per_epoch * _epochs_to_run(values, self)
+        return estimate_trial_seconds(self._trial_costs, _cost_key(values), _epochs_to_run(values, self))
 
     @property
     def _started(self):
@@ -141,18 +137,43 @@ class BudgetedOracleMixin:
         return self.__dict__["_trial_last_seen"]
 
     @property
-    def _epoch_seconds(self):
-        self.__dict__.setdefault("_trial_epoch_seconds", [])
-        return self.__dict__["_trial_epoch_seconds"]
+    def _trial_costs(self):
+        self.__dict__.setdefault("_trial_costs_", [])
+        return self.__dict__["_trial_costs_"]
 
     def get_state(self):
         state = super().get_state()
-        state["epoch_seconds"] = list(self._epoch_seconds)
+        state["trial_costs"] = list(self._trial_costs)
         return state
 
     def set_state(self, state):
         super().set_state(state)
-        self.__dict__["_trial_epoch_seconds"] = [list(x) for x in state.get("epoch_seconds", [])]
+        self.__dict__["_trial_costs_"] = [list(x) for x in state.get("trial_costs", [])]
+
+
+def estimate_trial_seconds(costs, key, epochs):
+    """Expected seconds of a trial that runs `epochs` epochs of architecture `key`.
+
+    Every trial pays a fixed cost (building, tracing, one-time features) and then about
+    the same seconds per epoch as others of its backbone and resolution; with short
+    Hyperband rounds the fixed cost dominates, so seconds / epochs of a one-epoch trial
+    would overrate a nine-epoch one several times over. The fixed cost is the intercept
+    of a least-squares line through all finished trials (0 until two lengths are seen);
+    the rate per epoch is the median, over the trials of `key` (else all), of what each
+    took beyond that cost.
+
+    Args:
+        costs: [key, epochs run, seconds] of each finished trial.
+    """
+    lengths = np.array([c[1] for c in costs], dtype=float)
+    seconds = np.array([c[2] for c in costs], dtype=float)
+    fixed = 0.0
+    if len(set(lengths)) > 1:
+        slope, intercept = np.polyfit(lengths, seconds, 1)
+        fixed = float(np.clip(intercept, 0.0, seconds.min())) if slope > 0 else 0.0
+    same = [i for i, c in enumerate(costs) if c[0] == key] or range(len(costs))
+    rate = float(np.median([(seconds[i] - fixed) / lengths[i] for i in same]))
+    return fixed + max(rate, 0.0) * epochs
 
 
 def _cost_key(values):
