@@ -16,6 +16,23 @@ import tempfile
 from pathlib import Path
 
 
+@contextlib.contextmanager
+def exclusive(path):
+    """Holds an exclusive lock on the file `path` (created if missing) for the block:
+    processes on this host that ask for the same lock wait for it. The lock goes with
+    the process, so a killed holder never leaves it taken."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_bytes(path, data):
     """Atomically replaces `path` with `data`."""
     with open_for_replace(path) as f:

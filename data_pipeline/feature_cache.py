@@ -13,6 +13,7 @@ import collections
 import hashlib
 import io
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -61,20 +62,29 @@ class FeatureCache:
             self._memory.move_to_end(digest)
             self.hits += 1
             return self._memory[digest]
-        array = self._load(digest, key, len(images))
+        array, built = self._load(digest, key, len(images)), False
         if array is None:
-            ds = make_dataset(images, None, resolution, preprocess_input, batch_size)
-            # Keras traces one predict step per prefix model (a tf.function per call here
-            # made TensorFlow warn about retracing).
-            array = np.concatenate([prefix.predict_on_batch(batch).astype(np.float16) for batch in ds])
+            # Local workers sharing the directory: one builds a key, the others wait and read it.
+            with atomic.exclusive(self._path(digest).with_suffix(".lock")) if self.directory else nullcontext():
+                array = self._load(digest, key, len(images))
+                if array is None:
+                    array, built = self._build(prefix, images, resolution, preprocess_input, batch_size), True
+                    self._save(digest, key, array)
+                    self.log(f"  feature cache: built {key['cut']} of {source}@{resolution} "
+                             f"for {data_key.rsplit('/', 1)[-1]} ({array.nbytes / 2**20:.0f} MB)")
+        if built:
             self.builds += 1
-            self._save(digest, key, array)
-            self.log(f"  feature cache: built {key['cut']} of {source}@{resolution} "
-                     f"for {data_key.rsplit('/', 1)[-1]} ({array.nbytes / 2**20:.0f} MB)")
         else:
             self.hits += 1
         self._remember(digest, array)
         return array
+
+    @staticmethod
+    def _build(prefix, images, resolution, preprocess_input, batch_size):
+        ds = make_dataset(images, None, resolution, preprocess_input, batch_size)
+        # Keras traces one predict step per prefix model (a tf.function per call here
+        # made TensorFlow warn about retracing).
+        return np.concatenate([prefix.predict_on_batch(batch).astype(np.float16) for batch in ds])
 
     @staticmethod
     def key(prefix, source, resolution, data_key):

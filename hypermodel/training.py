@@ -182,6 +182,7 @@ def epochs_that_fit(seconds, model, config, data, batch_size, seed, timed_steps=
         batch_size, shuffle_seed=seed, augmentation=config.augmentation,
     )
     timer = StepTimer()
+    build_before_tracing(model, train_ds)
     # repeat(): a small training set may have fewer batches than the timing needs.
     model.fit(train_ds.repeat().take(warmup_steps + timed_steps), callbacks=[timer], verbose=0, shuffle=False)
     model.set_weights(weights)

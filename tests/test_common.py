@@ -89,3 +89,29 @@ def test_weights_are_found_under_keras_home(tmp_path, monkeypatch):
     shutil.copy(VENDORED_WEIGHTS / get_backbone("mobilenet_v2_0.5").weight_file,
                 tmp_path / "kh" / "models" / backbone.weight_file)
     assert usable_backbones(("mobilenet_v2_1.0",), offline=True) == (("mobilenet_v2_1.0",), {})
+
+
+def test_an_exclusive_lock_makes_another_process_wait_and_dies_with_its_holder(tmp_path):
+    import time
+    from pathlib import Path
+
+    lock = tmp_path / "features.lock"
+    hold = ("import sys, time; sys.path.insert(0, sys.argv[1]); from common import atomic\n"
+            "with atomic.exclusive(sys.argv[2]):\n    print('held', flush=True); time.sleep(float(sys.argv[3]))\n")
+    root = str(Path(__file__).resolve().parent.parent)
+
+    holder = subprocess.Popen([sys.executable, "-c", hold, root, str(lock), "1.5"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    with atomic.exclusive(lock):
+        waited = time.monotonic() - started
+    holder.wait(timeout=10)
+    assert waited > 0.8  # it waited for the holder to finish
+
+    holder = subprocess.Popen([sys.executable, "-c", hold, root, str(lock), "60"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()  # SIGKILL while holding it
+    holder.wait(timeout=10)
+    started = time.monotonic()
+    with atomic.exclusive(lock):
+        assert time.monotonic() - started < 5
