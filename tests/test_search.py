@@ -3,6 +3,7 @@
 import glob
 import json
 import re
+import time
 
 import pandas as pd
 import pytest
@@ -278,3 +279,21 @@ def test_a_long_rounds_cost_is_estimated_from_fixed_cost_plus_its_rate_not_from_
     # fixed cost, so the estimate is proportional (and pessimistic).
     assert estimate_trial_seconds(costs, "new", 9) > estimate_trial_seconds(costs, "a", 9)
     assert estimate_trial_seconds([["a", 1, 10.0], ["a", 1, 12.0]], "a", 9) == pytest.approx(99.0)
+
+
+def test_a_worker_that_gets_no_trial_pauses_before_asking_again(tmp_path):
+    """KerasTuner asks the oracle again at once after an IDLE answer (a Hyperband round
+    waiting for another worker): the tuner paces those asks."""
+    from hypermodel.hypermodel import TransferHyperModel
+    from hypermodel.space import SearchChoices
+    from tuning.settings import Settings
+    from tuning.tuner import IDLE_PAUSE_S, make_tuner
+
+    settings = Settings(profile="smoke", run_dir=str(tmp_path))
+    tuner = make_tuner(settings, TransferHyperModel(SearchChoices(), 10), tmp_path)
+    started = time.monotonic()
+    tuner.pre_create_trial()  # the first ask after a trial: at once
+    first = time.monotonic() - started
+    tuner.pre_create_trial()  # asked again without a trial: paced
+    second = time.monotonic() - started - first
+    assert first < IDLE_PAUSE_S / 2 and second >= IDLE_PAUSE_S

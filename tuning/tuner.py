@@ -27,6 +27,7 @@ from hypermodel.hypermodel import TransferHyperModel
 from tuning import leaderboard
 
 PROJECT_NAME = "tuner"
+IDLE_PAUSE_S = 0.5  # between a worker's asks for a trial while the oracle has none ready
 TUNERS = ("hyperband", "random", "bayesian")
 
 
@@ -217,6 +218,7 @@ class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
         self._trial_started = {}
         self._gradients_before_trial = set()
         self._trial_fits = {}
+        self._asked_without_trial = False
         # Also for HyperbandTransferTuner, whose kt.Hyperband parent would otherwise
         # build an oracle of its own.
         shims.init_tuner(self, oracle, hypermodel, directory=str(run_dir), project_name=PROJECT_NAME, **kwargs)
@@ -245,7 +247,16 @@ class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
         }
         return histories
 
+    def pre_create_trial(self):
+        # KerasTuner asks again at once when the oracle answers IDLE (a Hyperband round
+        # waiting for another worker's trial to end): pause between such asks, or a waiting
+        # worker floods the chief with requests and slows every other worker's reports.
+        if self._asked_without_trial:
+            time.sleep(IDLE_PAUSE_S)
+        self._asked_without_trial = True
+
     def on_trial_begin(self, trial):
+        self._asked_without_trial = False
         super().on_trial_begin(trial)
         self._gradients_before_trial = shims.custom_gradient_keys()
         self._trial_started[trial.trial_id] = time.time()
