@@ -186,7 +186,6 @@ def search(settings, explicit=(), source=None):
             given resolutions are searched as given).
         source: The dataset already loaded and checked (`load_source`), else loaded here.
     """
-    from data_pipeline.feature_cache import FeatureCache
     from tuning.run_dir import prepare_run_dir
     from tuning.tuner import configure_distributed, end_distributed, run_search
 
@@ -214,12 +213,10 @@ def search(settings, explicit=(), source=None):
         f"{', '.join(map(str, settings.choices.resolutions))} px; {len(data.x_train)} train / "
         f"{len(data.x_val)} validation images; budget "
         + (f"{settings.time_budget_s / 60:.1f} min" if settings.time_budget_s else "none"))
-    cache = None
-    if settings.feature_cache:
-        cache = FeatureCache(run_dir / "feature_cache", budget_mb=settings.cache_budget_mb, log=log)
     started = time.time()
     if workers is None:
-        result = run_search(settings, data, run_dir, feature_cache=cache, log=log, worker=worker)
+        result = run_search(settings, data, run_dir, feature_cache=feature_cache(settings, run_dir), log=log,
+                            worker=worker)
     else:
         workers.start(run_dir)
         try:
@@ -249,7 +246,6 @@ def search(settings, explicit=(), source=None):
 def search_worker(run_dir, oracle, worker_id):
     """One of `search`'s local workers (`tuning/local_workers.py` starts it): trains the
     trials the chief at `oracle` hands out, with the run's settings from config.json."""
-    from data_pipeline.feature_cache import FeatureCache
     from tuning.run_dir import read_config
     from tuning.settings import Settings
     from tuning.tuner import configure_distributed, run_search
@@ -257,11 +253,17 @@ def search_worker(run_dir, oracle, worker_id):
     settings = Settings.from_dict(read_config(run_dir)["settings"])
     worker = configure_distributed("worker", oracle, worker_id)
     data = search_data(materialize(load_source(settings), settings, run_dir), settings)
-    cache = None
-    if settings.feature_cache:
-        cache = FeatureCache(run_dir / "feature_cache", budget_mb=settings.cache_budget_mb, log=log)
-    run_search(settings, data, run_dir, feature_cache=cache, log=log, worker=worker)
+    run_search(settings, data, run_dir, feature_cache=feature_cache(settings, run_dir), log=log, worker=worker)
     return 0
+
+
+def feature_cache(settings, run_dir):
+    """The run's `FeatureCache` (in `run_dir/feature_cache`), or None when it is off."""
+    from data_pipeline.feature_cache import FeatureCache
+
+    if not settings.feature_cache:
+        return None
+    return FeatureCache(Path(run_dir) / "feature_cache", budget_mb=settings.cache_budget_mb, log=log)
 
 
 def no_trial_message(frame, run_dir):
@@ -328,7 +330,6 @@ def retrain(run_dir, overrides=None, deadline=None, source=None):
             default: `job_time_budget_s` from now.
         source: The dataset already loaded and checked by this process, else loaded here.
     """
-    from data_pipeline.feature_cache import FeatureCache
     from tuning.retrain import retrain as retrain_best
 
     _check_run(run_dir)
@@ -336,7 +337,7 @@ def retrain(run_dir, overrides=None, deadline=None, source=None):
     started = time.time()
     if deadline is None and settings.job_time_budget_s:
         deadline = started + settings.job_time_budget_s
-    cache = FeatureCache(Path(run_dir) / "feature_cache", settings.cache_budget_mb, log=log) if settings.feature_cache else None
+    cache = feature_cache(settings, run_dir)
     retrain_best(run_dir, settings, dataset, data, feature_cache=cache, deadline=deadline, log=log)
     _record_stage(run_dir, "retrain", time.time() - started)
     return 0
