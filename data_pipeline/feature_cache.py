@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import atomic
-from data_pipeline.pipeline import batch_order, make_dataset
+from data_pipeline.pipeline import BATCHES_AHEAD, MAP_THREADS, batch_order, make_dataset, without_autotune
 
 BYTES_PER_VALUE = 2  # float16 storage
 
@@ -141,7 +141,7 @@ def feature_batches(features, labels, batch_size, shuffle_seed=None, stream_from
         return tf.cast(tf.gather(features, indices), tf.float32), tf.gather(labels, indices)
 
     order = batch_order(len(labels), batch_size, shuffle_seed, stream_from)
-    return order.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return without_autotune(order.map(gather, num_parallel_calls=MAP_THREADS).prefetch(BATCHES_AHEAD))
 
 
 def _sha(array):

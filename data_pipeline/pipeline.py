@@ -7,10 +7,16 @@ the backbone's input resolution and preprocessed, so peak memory depends on the 
 size, not on the resolution or the dataset size.
 """
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from common.errors import UsageError
+
+# Each map of a pipeline runs on this many threads and keeps this many batches ready.
+MAP_THREADS = os.cpu_count() or 1
+BATCHES_AHEAD = 2
 
 # Flips are searchable: they help photos and clothes, and hurt digits and text.
 AUGMENTATIONS = ("none", "flip", "flip_shift", "flip_shift_erase", "shift", "shift_erase")
@@ -122,7 +128,19 @@ def make_dataset(
         return (x, *y) if y else x
 
     ds = indexed_batches(images, labels, batch_size, shuffle_seed, stream_from)
-    return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return without_autotune(ds.map(transform, num_parallel_calls=MAP_THREADS).prefetch(BATCHES_AHEAD))
+
+
+def without_autotune(ds):
+    """`ds` with tf.data's autotuning off (its maps and prefetches set to fixed sizes).
+
+    Deleting an autotuned iterator waits for its optimisation thread, which may sleep
+    for seconds first: search trials' `fit` returned 0-19 s after their training ended
+    (benchmarks/RESULTS.md §9). Fixed sizes feed a 96 px MobileNetV2 as fast.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
 
 
 def batch_order(count, batch_size, shuffle_seed=None, stream_from=None):
@@ -170,4 +188,4 @@ def indexed_batches(images, labels, batch_size, shuffle_seed=None, stream_from=N
         out[1].set_shape([None])
         return out[0], out[1]
 
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(load, num_parallel_calls=MAP_THREADS)

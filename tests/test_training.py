@@ -1,4 +1,6 @@
-"""The training loop's search-time behaviour: partial-pass epochs and best-epoch checkpoints."""
+"""The training loop's search-time behaviour: partial-pass epochs, best-epoch checkpoints, footprints."""
+
+import dataclasses
 
 import keras
 import keras_tuner as kt
@@ -77,3 +79,20 @@ def test_the_checkpoint_holds_the_best_epochs_weights_written_once(data, tmp_pat
     # The model itself keeps its last epoch's weights.
     for got, expected in zip(model.get_weights(), seen[-1][1], strict=True):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_latency_is_measured_once_per_backbone_and_resolution_and_size_is_each_models(monkeypatch):
+    """Two heads on one backbone: one latency measurement, and sizes that differ by exactly
+    the wider head's extra weights."""
+    from hypermodel import footprint
+
+    calls = []
+    measure = footprint.measure_latency_ms
+    monkeypatch.setattr(footprint, "measure_latency_ms", lambda *a, **k: calls.append(a) or measure(*a, **k))
+    checker = footprint.FootprintChecker(footprint.Limits())
+    narrow, wide = config(), dataclasses.replace(config(), dense_units=256)
+    found = [checker.check(build_transfer_model(c, 10, "imagenet", 0), c) for c in (narrow, wide)]
+    assert len(calls) == 1 and found[0].latency_ms == found[1].latency_ms > 0
+    # MobileNetV2 pools 1 280 features at every width α; the head is Dense(units) → Dense(10).
+    extra_weights = (256 - 64) * (1280 + 1) + (256 - 64) * 10
+    assert found[1].model_mb - found[0].model_mb == pytest.approx(extra_weights * 4 / 2**20)
