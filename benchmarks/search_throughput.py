@@ -2,19 +2,23 @@
 
     python benchmarks/search_throughput.py --baseline 1060ba7            # 2 × 6 min searches
     python benchmarks/search_throughput.py --baseline 1060ba7 --budget 3m
+    python benchmarks/search_throughput.py --baseline 1060ba7 --seeds 2 --keep results/throughput
 
 Each side runs from its own `git worktree` (committed code only: `--current` defaults to
 HEAD), one after the other so they never share the CPU:
-    python search.py search --profile cpu --time-budget BUDGET --seed 0 --run-dir <tmp>
+    python search.py search --profile cpu --time-budget BUDGET --seed S --run-dir <tmp>
+(S = 0, 1, ... for `--seeds`; one seed's best accuracy is one draw of configurations)
 and is read back from its run dir: trials ended, trials per minute of search wall time,
 the best validation accuracy and, where the commit records it (`trials/*.json`
 "breakdown"), the median per-trial seconds by where they went. A trial's overhead is
 its cost less its training and validation steps. The last line is JSON:
-{"baseline": {...}, "current": {...}, "trials_per_min_ratio", "best_val_accuracy_delta", "cpu"}.
+{"baseline": {...}, "current": {...}, "trials_per_min_ratio", "best_val_accuracy_delta", "cpu"}; with
+several seeds each side holds "per_seed" and the means, and the ratio and delta are of the means.
 """
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,8 +43,8 @@ def worktree(revision, folder):
     return folder
 
 
-def search(checkout, run_dir, budget):
-    command = [sys.executable, "search.py", "search", "--profile", "cpu", "--time-budget", budget, "--seed", "0",
+def search(checkout, run_dir, budget, seed):
+    command = [sys.executable, "search.py", "search", "--profile", "cpu", "--time-budget", budget, "--seed", str(seed),
                "--run-dir", str(run_dir)]
     started = time.time()
     subprocess.run(command, cwd=checkout, check=True, capture_output=True, text=True)
@@ -73,21 +77,37 @@ def summarise(run_dir, wall_s):
     return summary
 
 
+def means(runs):
+    """Several seeds' summaries as their means, each kept under "per_seed"."""
+    mean = {key: round(statistics.mean(r[key] for r in runs), 4)
+            for key in ("trials", "search_s", "trials_per_min", "best_val_accuracy", "median_trial_s")}
+    return {**mean, "per_seed": runs}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="the commit to compare against")
     parser.add_argument("--current", default="HEAD")
     parser.add_argument("--budget", default="6m", help="each search's --time-budget")
+    parser.add_argument("--seeds", type=int, default=1, help="searches per side, seeds 0..N-1")
+    parser.add_argument("--keep", help="copy each search's leaderboard.csv and trials/ here")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="throughput_") as tmp:
         for name, revision in (("baseline", args.baseline), ("current", args.current)):
             checkout = worktree(revision, Path(tmp) / f"src_{name}")
             try:
-                run_dir = Path(tmp) / f"run_{name}"
-                wall = search(checkout, run_dir, args.budget)
-                results[name] = {"revision": revision, **summarise(run_dir, wall)}
-                print(json.dumps({name: results[name]}), flush=True)
+                runs = []
+                for seed in range(args.seeds):
+                    run_dir = Path(tmp) / f"run_{name}_seed{seed}"
+                    wall = search(checkout, run_dir, args.budget, seed)
+                    runs.append({"seed": seed, **summarise(run_dir, wall)})
+                    print(json.dumps({name: runs[-1]}), flush=True)
+                    if args.keep:
+                        kept = Path(args.keep) / f"{name}_seed{seed}"
+                        shutil.copytree(run_dir / "trials", kept / "trials", dirs_exist_ok=True)
+                        shutil.copy(run_dir / "leaderboard.csv", kept / "leaderboard.csv")
+                results[name] = {"revision": revision, **(runs[0] if len(runs) == 1 else means(runs))}
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], cwd=ROOT, check=False)
     print(json.dumps({

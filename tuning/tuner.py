@@ -156,7 +156,8 @@ def estimate_trial_seconds(costs, key, epochs):
     """Expected seconds of a trial that runs `epochs` epochs of architecture `key`.
 
     Every trial pays a fixed cost (building, tracing, one-time features) and then about
-    the same seconds per epoch as others of its backbone and resolution; with short
+    the same seconds per epoch as others of its backbone, resolution and unfrozen blocks
+    (a 17-block top's rounds cost more than a 10-block one's); with short
     Hyperband rounds the fixed cost dominates, so seconds / epochs of a one-epoch trial
     would overrate a nine-epoch one several times over. The fixed cost is the intercept
     of a least-squares line through all finished trials (0 until two lengths are seen);
@@ -178,7 +179,7 @@ def estimate_trial_seconds(costs, key, epochs):
 
 
 def _cost_key(values):
-    return f"{values.get('backbone')}@{values.get('resolution')}"
+    return f"{values.get('backbone')}@{values.get('resolution')}/{values.get('unfrozen_blocks')}"
 
 
 def _epochs_to_run(values, oracle):
