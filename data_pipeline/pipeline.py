@@ -134,9 +134,9 @@ def make_dataset(
 def without_autotune(ds):
     """`ds` with tf.data's autotuning off (its maps and prefetches set to fixed sizes).
 
-    Deleting an autotuned iterator waits for its optimisation thread, which may sleep
-    for seconds first: search trials' `fit` returned 0-19 s after their training ended
-    (benchmarks/RESULTS.md §9). Fixed sizes feed a 96 px MobileNetV2 as fast.
+    Deleting an autotuned iterator can wait seconds for one of its threads: search
+    trials' `fit` returned 0-19 s after their training ended, and at once without
+    autotuning (benchmarks/RESULTS.md §9). Fixed sizes feed a 96 px MobileNetV2 as fast.
     """
     options = tf.data.Options()
     options.autotune.enabled = False
