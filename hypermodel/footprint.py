@@ -107,9 +107,10 @@ class FootprintChecker:
 
     def check(self, model, config):
         """The trial's `Footprint`; raises `TrialRejected` when it breaks a limit."""
-        if latency_key(config) not in self.latencies_ms:
-            self.latencies_ms[latency_key(config)] = measure_latency_ms(model, config.resolution)
-        footprint = Footprint(self.latencies_ms[latency_key(config)], model_mb(model))
+        key = latency_key(config)
+        if key not in self.latencies_ms:
+            self.latencies_ms[key] = measure_latency_ms(model, config.resolution)
+        footprint = Footprint(self.latencies_ms[key], model_mb(model))
         self.measured[architecture_key(config)] = footprint
         problems = self.limits.violations(footprint)
         if problems:
