@@ -5,6 +5,7 @@ import time
 
 import keras
 import keras_tuner as kt
+import numpy as np
 
 from hypermodel import space
 from hypermodel.footprint import FootprintChecker, Limits
@@ -64,6 +65,7 @@ class TransferHyperModel(kt.HyperModel):
 
         Returns:
             The Keras `History`, with `fit_mode` ("cached" or "end-to-end[: reason]"),
+            `epochs_run`, `best_epoch` (counted from the trial's first round),
             `train_seconds`, the model's `footprint` and `seconds` (where the trial's
             time went, see `training.train`; with "build", "weights", "footprint")
             added for the trial's record.
@@ -76,18 +78,25 @@ class TransferHyperModel(kt.HyperModel):
         started = time.perf_counter()
         footprint = self.footprints.check(model, config)
         seconds["footprint"] = time.perf_counter() - started
-        callbacks = list(callbacks) + [
-            keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max",
-                patience=math.ceil(self.early_stopping_patience / self.epoch_fraction),
-            ),
-        ]
+        # Hyperband judges a round at its end; validating after each of its fractional
+        # epochs would cost a third as much as training them.
+        validate_once = "tuner/epochs" in hp.values and self.epoch_fraction < 1
+        if not validate_once:
+            callbacks = list(callbacks) + [
+                keras.callbacks.EarlyStopping(
+                    monitor="val_accuracy", mode="max",
+                    patience=math.ceil(self.early_stopping_patience / self.epoch_fraction),
+                ),
+            ]
         started = time.perf_counter()
         history, mode = train(
             model, config, data, batch_size=self.batch_size, seed=self.seed, epochs=epochs,
             initial_epoch=initial_epoch, callbacks=callbacks, feature_cache=self.feature_cache,
-            verbose=verbose, seconds=seconds, epoch_fraction=self.epoch_fraction,
+            verbose=verbose, seconds=seconds, epoch_fraction=self.epoch_fraction, validate_once=validate_once,
         )
+        scores = history.history.get("val_accuracy") or [0.0]
+        history.epochs_run = epochs - initial_epoch if validate_once else len(history.epoch)
+        history.best_epoch = history.epoch[int(np.argmax(scores))] + 1
         history.fit_mode = mode
         history.train_seconds = time.perf_counter() - started  # the trial's cost less building, measuring
         history.seconds = seconds

@@ -45,7 +45,7 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
 
 
 def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,
-          callbacks=(), feature_cache=None, verbose=0, seconds=None, epoch_fraction=1.0):
+          callbacks=(), feature_cache=None, verbose=0, seconds=None, epoch_fraction=1.0, validate_once=False):
     """Compiles and fits `model` on `data`, on cached prefix features when possible.
 
     Args:
@@ -60,6 +60,9 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         epoch_fraction: The share of a pass over `data.x_train` one epoch trains on
             (search trials); below 1 the epochs read one stream of passes, from where
             `initial_epoch` left it.
+        validate_once: Train epochs `initial_epoch`..`epochs` as one Keras epoch (numbered
+            as the last), so it is validated, checkpointed and logged once, at its end.
+            The learning rate schedule still runs over the epochs.
 
     Returns:
         (History, how it trained: "cached" or "end-to-end[: reason]").
@@ -69,18 +72,21 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
     # shuffle=False: the tf.data pipelines shuffle, in a seeded order (Keras would warn).
     fit = dict(epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, shuffle=False)
     steps_per_epoch, stream_from = math.ceil(len(data.x_train) / batch_size), None
-    if epoch_fraction < 1:
-        steps_per_epoch = max(1, round(steps_per_epoch * epoch_fraction))
+    schedule = dict(steps_per_epoch=steps_per_epoch, epochs=epochs - initial_epoch, learning_rate=learning_rate)
+    if epoch_fraction < 1 or validate_once:
+        steps_per_epoch = schedule["steps_per_epoch"] = max(1, round(steps_per_epoch * epoch_fraction))
         stream_from = initial_epoch * steps_per_epoch
         fit["steps_per_epoch"] = steps_per_epoch  # the stream is endless
+    if validate_once:
+        fit.update(initial_epoch=epochs - 1, steps_per_epoch=steps_per_epoch * (epochs - initial_epoch))
     mode = "end-to-end"
     if feature_cache is not None:
         reason = why_not_cached(model, config, data, feature_cache)
         if reason is None:
-            return fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks,
+            return fit_on_features(model, config, data, batch_size, seed, schedule, callbacks,
                                    feature_cache, seconds, stream_from, **fit), "cached"
         mode = f"end-to-end: {reason}"
-    compile_for_training(model, config, steps_per_epoch, epochs - initial_epoch, learning_rate)
+    compile_for_training(model, config, **schedule)
     preprocess_input = get_backbone(config.backbone).preprocess_input
     train_ds = make_dataset(
         data.x_train, data.y_train, config.resolution, preprocess_input,
@@ -123,9 +129,11 @@ def why_not_cached(model, config, data, feature_cache):
     return None
 
 
-def fit_on_features(model, config, data, batch_size, seed, learning_rate, callbacks, feature_cache, seconds,
+def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, feature_cache, seconds,
                     stream_from, **fit):
     """Trains `model`'s trainable top on the frozen prefix's cached activations.
+
+    `schedule` holds `compile_for_training`'s steps_per_epoch, epochs and learning_rate.
 
     The top shares its weights with `model`, so `model` is trained too; checkpoints
     are pinned to `model` so they stay loadable into `build(hp)`.
@@ -144,8 +152,7 @@ def fit_on_features(model, config, data, batch_size, seed, learning_rate, callba
     if seconds is not None:
         seconds["features"] = seconds.get("features", 0.0) + time.perf_counter() - started
     head_only = not any(layer.name == SUFFIX_NAME for layer in top.layers)
-    steps_per_epoch = fit.get("steps_per_epoch") or math.ceil(len(train_features) / batch_size)
-    compile_for_training(top, config, steps_per_epoch, fit["epochs"] - fit["initial_epoch"], learning_rate,
+    compile_for_training(top, config, **schedule,
                          steps_per_execution=CACHED_HEAD_STEPS_PER_EXECUTION if head_only else 1)
     callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]
     train_batches = feature_batches(train_features, data.y_train, batch_size, seed, stream_from)

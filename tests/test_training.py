@@ -54,6 +54,27 @@ def test_an_epoch_fraction_trains_that_share_of_a_pass_per_epoch(data, cached):
     assert batches.per_epoch == [3, 3] and history.epoch == [3, 4]
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_round_validated_once_trains_the_same_steps_under_the_same_schedule(data, cached):
+    # Warmup over the first epoch, then cosine decay: stretching either over the round's
+    # steps would change the weights.
+    trial = dataclasses.replace(config(), lr_schedule="cosine", warmup_epochs=1)
+    rounds = {}
+    for validate_once in (False, True):
+        batches = Batches()
+        model = build_transfer_model(trial, 10)
+        history, _ = train(model, trial, data, batch_size=32, seed=0, epochs=5, initial_epoch=2,
+                           callbacks=[batches], feature_cache=FeatureCache(None) if cached else None,
+                           epoch_fraction=0.3, validate_once=validate_once)
+        rounds[validate_once] = history, batches.per_epoch, model.get_weights()
+    (each, each_batches, each_weights), (once, once_batches, once_weights) = rounds[False], rounds[True]
+    assert each_batches == [3, 3, 3] and len(each.history["val_accuracy"]) == 3
+    assert once_batches == [9] and once.epoch == [4] and len(once.history["val_accuracy"]) == 1
+    assert once.history["val_accuracy"][0] == pytest.approx(each.history["val_accuracy"][-1], abs=1e-6)
+    for got, expected in zip(once_weights, each_weights, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_the_checkpoint_holds_the_best_epochs_weights_written_once(data, tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.weights.h5")
     checkpoint = SaveBestEpoch(kt.Objective("val_accuracy", "max"), path)
@@ -96,3 +117,26 @@ def test_latency_is_measured_once_per_backbone_and_resolution_and_size_is_each_m
     # MobileNetV2 pools 1 280 features at every width α; the head is Dense(units) → Dense(10).
     extra_weights = (256 - 64) * (1280 + 1) + (256 - 64) * 10
     assert found[1].model_mb - found[0].model_mb == pytest.approx(extra_weights * 4 / 2**20)
+
+
+@pytest.mark.parametrize("fraction, validations", [(0.3, 1), (1.0, 2)])
+def test_a_hyperband_round_of_part_passes_is_validated_once_at_its_end(data, fraction, validations):
+    """Hyperband judges a round when it ends: a round of part-pass epochs is scored once;
+    whole-pass rounds keep a score per epoch (early stopping can use it). Either way the
+    record counts epochs from the trial's first round."""
+    from hypermodel.hypermodel import TransferHyperModel
+    from hypermodel.space import SearchChoices
+
+    choices = SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,), unfrozen_blocks=(2,),
+                            dense_units=(64, 64), learning_rate=(3e-3, 3e-3), lr_schedules=("constant",))
+    hypermodel = TransferHyperModel(choices, 10, batch_size=32, feature_cache=FeatureCache(None),
+                                    epoch_fraction=fraction)
+    hp = kt.HyperParameters()
+    hypermodel.declare_hyperparameters(hp)
+    hp.Fixed("tuner/epochs", 3)
+    hp.Fixed("tuner/initial_epoch", 1)
+    history = hypermodel.fit(hp, hypermodel.build(hp), data, epochs=3, initial_epoch=1)
+    assert len(history.history["val_accuracy"]) == validations
+    assert history.epochs_run == 2 and history.best_epoch in (2, 3)
+    if validations == 1:
+        assert history.best_epoch == 3

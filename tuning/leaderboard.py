@@ -54,7 +54,8 @@ def trial_records(run_dir):
             fit_mode=record.get("fit_mode", ""),
             bracket=values.get("tuner/bracket"),
             round=values.get("tuner/round"),
-            best_epoch=(trial.get("best_step") or 0) + 1 if completed else None,
+            # Ours counts from the trial's first Hyperband round; KerasTuner's from this round's.
+            best_epoch=(record.get("best_epoch") or (trial.get("best_step") or 0) + 1) if completed else None,
         )
         rows.append(row)
     return rows

@@ -66,7 +66,7 @@ class BudgetedOracleMixin:
         return super().create_trial(tuner_id)
 
     def update_trial(self, trial_id, metrics, step=0):
-        self._last_seen[trial_id] = time.time()  # a worker's heartbeat: it reports every epoch
+        self._last_seen[trial_id] = time.time()  # a worker's heartbeat: it reports when its trial ends
         return super().update_trial(trial_id, metrics, step=step)
 
     @shims.synchronized
@@ -240,7 +240,8 @@ class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
         histories = histories if isinstance(histories, list) else [histories]
         fitted = [h for h in histories if hasattr(h, "fit_mode")]
         self._trial_fits[trial.trial_id] = {
-            "epochs": sum(len(h.epoch) for h in fitted),
+            "epochs": sum(h.epochs_run for h in fitted),
+            "best_epoch": max((h.best_epoch for h in fitted), default=None),
             "fit_mode": fitted[0].fit_mode if fitted else "",
             "train_seconds": round(sum(h.train_seconds for h in fitted), 2),
             "breakdown": _sum_breakdowns([h.seconds for h in fitted]),
