@@ -55,8 +55,8 @@ def main():
     model = build_transfer_model(config, dataset.num_classes)
     epochs = args.epochs
     if args.wall_time:
-        seconds_left = started + args.wall_time - EVALUATION_RESERVE_S - time.time()
-        epochs, epoch_s = epochs_that_fit(seconds_left, model, config, data, args.batch_size, seed=0)
+        finish_by = started + args.wall_time - EVALUATION_RESERVE_S
+        epochs, epoch_s = epochs_that_fit(finish_by, model, config, data, args.batch_size, seed=0)
         print(f"{epoch_s:.0f} s per epoch: {epochs} epochs fit in --wall-time {args.wall_time:.0f} s", flush=True)
     history, _ = train(model, config, data, batch_size=args.batch_size, seed=0, epochs=epochs, verbose=2)
     metrics = evaluate_test(model, config, dataset)

@@ -22,11 +22,18 @@ class StopAtDeadline(keras.callbacks.Callback):
 
     The safety net of a time-fitted run (`epochs_that_fit` plans the epochs; a machine
     that slows down mid-run still ends on time, one epoch short).
+
+    Args:
+        deadline: A `time.time()`.
+        first_epoch_s: The planned seconds per epoch, used after the first epoch instead of
+            its own time, which also traces the graphs (on a slow machine tracing can take
+            longer than several short epochs).
     """
 
-    def __init__(self, deadline):
+    def __init__(self, deadline, first_epoch_s=None):
         super().__init__()
         self.deadline = deadline
+        self.first_epoch_s = first_epoch_s
         self.epoch_started = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -34,7 +41,10 @@ class StopAtDeadline(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.time()
-        if now + (now - self.epoch_started) > self.deadline:
+        next_epoch_s = now - self.epoch_started
+        if epoch == 0 and self.first_epoch_s is not None:
+            next_epoch_s = self.first_epoch_s
+        if now + next_epoch_s > self.deadline:
             self.model.stop_training = True
 
 

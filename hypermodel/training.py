@@ -164,9 +164,10 @@ def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, 
     )
 
 
-def epochs_that_fit(seconds, model, config, data, batch_size, seed, timed_steps=24, warmup_steps=8,
+def epochs_that_fit(finish_by, model, config, data, batch_size, seed, timed_steps=24, warmup_steps=8,
                     validation_steps=(3, 9)):
-    """How many end-to-end epochs of `model` on `data` fit in `seconds`.
+    """How many end-to-end epochs of `model` on `data` fit between the end of this timing
+    and `finish_by` (a `time.time()`).
 
     Times real training steps (the run's pipeline and augmentation; the first
     `warmup_steps` absorb tracing and tf.data's warm-up: with 4 of them and 12 timed
@@ -208,7 +209,7 @@ def epochs_that_fit(seconds, model, config, data, batch_size, seed, timed_steps=
     # An epoch: its training steps, a validation pass, and the same fixed cost again for
     # the training iterator and the epoch's callbacks.
     epoch_s = step_s * steps_per_epoch + val_step_s * val_steps + 2 * pass_fixed_s
-    return max(1, int(seconds // epoch_s)), epoch_s
+    return max(1, int((finish_by - time.time()) // epoch_s)), epoch_s
 
 
 def fine_tune_top(model, views, labels, val_views, val_labels, epochs, learning_rate, batch_size, seed):

@@ -1,6 +1,7 @@
 """The training loop's search-time behaviour: partial-pass epochs, best-epoch checkpoints, footprints."""
 
 import dataclasses
+import time
 
 import keras
 import keras_tuner as kt
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from common.shims import SaveBestEpoch
+from hypermodel.callbacks import StopAtDeadline
 from data_pipeline import load_dataset
 from data_pipeline.feature_cache import FeatureCache
 from data_pipeline.splits import TrainingData
@@ -140,3 +142,27 @@ def test_a_hyperband_round_of_part_passes_is_validated_once_at_its_end(data, fra
     assert history.epochs_run == 2 and history.best_epoch in (2, 3)
     if validations == 1:
         assert history.best_epoch == 3
+
+
+class SlowFirstEpoch(keras.callbacks.Callback):
+    """Makes the first epoch as slow as tracing a backbone's graphs is on a slow machine."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 0:
+            time.sleep(1.5)
+
+
+@pytest.mark.parametrize("planned_epoch_s, expected", [(None, "one epoch"), (0.05, "several")])
+def test_the_deadline_judges_the_next_epoch_by_the_plan_not_by_the_traced_first_one(planned_epoch_s, expected):
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    deadline = time.time() + 2.5
+    history = model.fit(x, y, epochs=1000, verbose=0,
+                        callbacks=[StopAtDeadline(deadline, first_epoch_s=planned_epoch_s), SlowFirstEpoch()])
+    assert time.time() <= deadline + 0.5
+    if expected == "one epoch":  # the slow first epoch alone says another would overrun
+        assert len(history.epoch) == 1
+    else:  # the plan's steady epochs keep it training until the deadline
+        assert len(history.epoch) > 3

@@ -95,12 +95,11 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         plan = {}
         if epochs_ is None:  # phase 2 fitted to the job's deadline
             finish_by = deadline - FINISH_RESERVE_S
-            available = finish_by - time.time()
-            epochs_, epoch_s = epochs_that_fit(available, model, phase_config, data, settings.batch_size,
+            epochs_, epoch_s = epochs_that_fit(finish_by, model, phase_config, data, settings.batch_size,
                                                settings.seed)
             plan = {"planned_epochs": epochs_, "planned_epoch_s": round(epoch_s, 1),
-                    "planned_seconds": round(available, 1)}
-            callbacks.append(StopAtDeadline(finish_by))
+                    "planned_seconds": round(finish_by - time.time(), 1)}
+            callbacks.append(StopAtDeadline(finish_by, first_epoch_s=epoch_s))
             # The schedule decays over exactly these epochs: run them all (augmented
             # validation accuracy dips early on), keep the best.
             patience = epochs_
