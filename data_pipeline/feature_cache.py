@@ -16,6 +16,7 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -40,13 +41,15 @@ class FeatureCache:
         self.budget_bytes = budget_mb * 2**20
         self.log = log
         self._memory = collections.OrderedDict()  # key hash → float16 array, LRU order
+        self._last_pass = (None, None)  # (cuts, model): the next split reuses its traced step
         self.hits = self.builds = 0
 
     @staticmethod
     def nbytes(prefix, count):
         return count * int(np.prod(prefix.output.shape[1:])) * BYTES_PER_VALUE
 
-    def features(self, prefix, images, source, resolution, preprocess_input, data_key, batch_size=128):
+    def features(self, prefix, images, source, resolution, preprocess_input, data_key, batch_size=128,
+                 companions=list):
         """The prefix's float16 output for `images`, computed at most once per key.
 
         Args:
@@ -55,9 +58,15 @@ class FeatureCache:
             source: Names the network the prefix was cut from (e.g. the backbone).
             resolution, preprocess_input: How images are prepared for the prefix.
             data_key: Identifies `images` (dataset checksum + split).
+            batch_size: Images per predict step, whatever the training batch (below 128
+                the per-step overhead dominates small prefixes).
+            companions: Returns other prefixes on `prefix`'s input graph (the cuts later
+                trials may ask for); called only when this key has to be built: those
+                not cached yet are built in the same pass while their features fit in
+                half the budget (one trace, the layers they share computed once).
         """
         key = self.key(prefix, source, resolution, data_key)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        digest = _digest(key)
         if digest in self._memory:
             self._memory.move_to_end(digest)
             self.hits += 1
@@ -68,10 +77,18 @@ class FeatureCache:
             with atomic.exclusive(self._path(digest).with_suffix(".lock")) if self.directory else nullcontext():
                 array = self._load(digest, key, len(images))
                 if array is None:
-                    array, built = self._build(prefix, images, resolution, preprocess_input, batch_size), True
-                    self._save(digest, key, array)
-                    self.log(f"  feature cache: built {key['cut']} of {source}@{resolution} "
-                             f"for {data_key.rsplit('/', 1)[-1]} ({array.nbytes / 2**20:.0f} MB)")
+                    group = [(prefix, key)] + self._missing(
+                        (prefix, key), [(c, self.key(c, source, resolution, data_key)) for c in companions()],
+                        len(images))
+                    arrays = _predict(self._pass_model(group), len(group), images, resolution, preprocess_input,
+                                      batch_size)
+                    # The trial's own key last: the most recently used, evicted last.
+                    for (_, member_key), member_array in reversed(list(zip(group, arrays))):
+                        self._save(_digest(member_key), member_key, member_array)
+                        self._remember(_digest(member_key), member_array)
+                        self.log(f"  feature cache: built {member_key['cut']} of {source}@{resolution} "
+                                 f"for {data_key.rsplit('/', 1)[-1]} ({member_array.nbytes / 2**20:.0f} MB)")
+                    array, built = arrays[0], True
         if built:
             self.builds += 1
         else:
@@ -79,12 +96,30 @@ class FeatureCache:
         self._remember(digest, array)
         return array
 
-    @staticmethod
-    def _build(prefix, images, resolution, preprocess_input, batch_size):
-        ds = make_dataset(images, None, resolution, preprocess_input, batch_size)
-        # Keras traces one predict step per prefix model (a tf.function per call here
-        # made TensorFlow warn about retracing).
-        return np.concatenate([prefix.predict_on_batch(batch).astype(np.float16) for batch in ds])
+    def _missing(self, own, candidates, count):
+        """The (prefix, key) candidates worth building with `own` (one too): not it, not
+        cached, and together with it within half the budget."""
+        chosen, total = [], self.nbytes(own[0], count)
+        for prefix, key in candidates:
+            digest = _digest(key)
+            cached = digest in self._memory or (self.directory and self._path(digest).exists())
+            if key == own[1] or cached or total + self.nbytes(prefix, count) > self.budget_bytes / 2:
+                continue
+            chosen.append((prefix, key))
+            total += self.nbytes(prefix, count)
+        return chosen
+
+    def _pass_model(self, group):
+        """One model with every prefix of `group` ((prefix, key) pairs) as an output; the
+        same model (and its traced predict step) again when the next split asks for the
+        same cuts."""
+        if len(group) == 1:
+            return group[0][0]
+        cuts = [{k: v for k, v in key.items() if k != "data"} for _, key in group]
+        if self._last_pass[0] != cuts:
+            prefixes = [prefix for prefix, _ in group]
+            self._last_pass = (cuts, keras.Model(prefixes[0].input, [prefix.output for prefix in prefixes]))
+        return self._last_pass[1]
 
     @staticmethod
     def key(prefix, source, resolution, data_key):
@@ -142,6 +177,26 @@ def feature_batches(features, labels, batch_size, shuffle_seed=None, stream_from
 
     order = batch_order(len(labels), batch_size, shuffle_seed, stream_from)
     return without_autotune(order.map(gather, num_parallel_calls=MAP_THREADS).prefetch(BATCHES_AHEAD))
+
+
+def _predict(model, outputs_count, images, resolution, preprocess_input, batch_size):
+    """Float16 arrays of `model`'s outputs for `images`."""
+    outputs = [[] for _ in range(outputs_count)]
+    for batch in make_dataset(images, None, resolution, preprocess_input, batch_size):
+        count = batch.shape[0]
+        if count < batch_size:
+            # Padded to a full batch: a smaller one would make Keras trace the step again.
+            batch = tf.concat([batch, tf.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)], 0)
+        # Keras traces one predict step per model (a tf.function per call here made
+        # TensorFlow warn about retracing).
+        predicted = model.predict_on_batch(batch)
+        for output, array in zip(outputs, predicted if outputs_count > 1 else [predicted]):
+            output.append(array[:count].astype(np.float16))
+    return [np.concatenate(output) for output in outputs]
+
+
+def _digest(key):
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _sha(array):

@@ -93,6 +93,7 @@ class TransferHyperModel(kt.HyperModel):
             model, config, data, batch_size=self.batch_size, seed=self.seed, epochs=epochs,
             initial_epoch=initial_epoch, callbacks=callbacks, feature_cache=self.feature_cache,
             verbose=verbose, seconds=seconds, epoch_fraction=self.epoch_fraction, validate_once=validate_once,
+            cache_cuts=self.choices.unfrozen_blocks,
         )
         scores = history.history.get("val_accuracy") or [0.0]
         history.epochs_run = epochs - initial_epoch if validate_once else len(history.epoch)

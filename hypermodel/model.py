@@ -9,6 +9,8 @@ output for an image never changes, which is what lets the feature cache
 without recomputing the prefix every epoch.
 """
 
+import types
+
 import keras
 
 from hypermodel.backbones import get_backbone
@@ -72,6 +74,27 @@ def split_backbone(base, block_ends, unfrozen_blocks):
         return keras.Model(base.input, base.output, name=PREFIX_NAME), None
     cut = base.get_layer(block_ends[-(unfrozen + 1)]).output
     return keras.Model(base.input, cut, name=PREFIX_NAME), keras.Model(cut, base.output, name=SUFFIX_NAME)
+
+
+def prefixes_for(model, backbone, unfrozen_choices):
+    """The frozen prefixes `model` would have with each of `unfrozen_choices`, cut from
+    its own graph (same input layer, current weights), so one pass computes them all.
+
+    Args:
+        model: A model from `build_transfer_model`.
+        backbone: Its `Backbone`.
+        unfrozen_choices: `unfrozen_blocks` values (duplicates after clipping merge).
+
+    Returns:
+        The prefix models, bottom cut first.
+    """
+    prefix = model.get_layer(PREFIX_NAME)
+    suffix = [layer for layer in model.get_layer(TOP_NAME).layers if layer.name == SUFFIX_NAME]
+    layers = {layer.name: layer for layer in prefix.layers + (suffix[0].layers if suffix else [])}
+    ends = backbone.block_ends(types.SimpleNamespace(layers=list(layers.values())))
+    cuts = sorted({ends[-(min(u, len(ends) - 1) + 1)] for u in unfrozen_choices}, key=ends.index)
+    # Layer.output is the output in the backbone's own graph, the one `prefix.input` starts.
+    return [keras.Model(prefix.input, layers[cut].output, name=PREFIX_NAME) for cut in cuts]
 
 
 def set_unfrozen_blocks_trainable(model, trainable):

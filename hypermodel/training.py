@@ -17,7 +17,7 @@ from data_pipeline.feature_cache import feature_batches
 from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import AtomicCheckpoint, FailOnNaN, StepTimer, Timed, TrialClock
-from hypermodel.model import PREFIX_NAME, SUFFIX_NAME, TOP_NAME, set_unfrozen_blocks_trainable
+from hypermodel.model import PREFIX_NAME, SUFFIX_NAME, TOP_NAME, prefixes_for, set_unfrozen_blocks_trainable
 from hypermodel.schedules import WarmupSchedule
 
 
@@ -45,7 +45,8 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
 
 
 def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,
-          callbacks=(), feature_cache=None, verbose=0, seconds=None, epoch_fraction=1.0, validate_once=False):
+          callbacks=(), feature_cache=None, verbose=0, seconds=None, epoch_fraction=1.0, validate_once=False,
+          cache_cuts=()):
     """Compiles and fits `model` on `data`, on cached prefix features when possible.
 
     Args:
@@ -63,6 +64,8 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         validate_once: Train epochs `initial_epoch`..`epochs` as one Keras epoch (numbered
             as the last), so it is validated, checkpointed and logged once, at its end.
             The learning rate schedule still runs over the epochs.
+        cache_cuts: Other `unfrozen_blocks` values (the search's choices) whose prefix
+            features are built in the same pass when this trial's must be built.
 
     Returns:
         (History, how it trained: "cached" or "end-to-end[: reason]").
@@ -84,7 +87,7 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         reason = why_not_cached(model, config, data, feature_cache)
         if reason is None:
             return fit_on_features(model, config, data, batch_size, seed, schedule, callbacks,
-                                   feature_cache, seconds, stream_from, **fit), "cached"
+                                   feature_cache, seconds, stream_from, cache_cuts, **fit), "cached"
         mode = f"end-to-end: {reason}"
     compile_for_training(model, config, **schedule)
     preprocess_input = get_backbone(config.backbone).preprocess_input
@@ -130,7 +133,7 @@ def why_not_cached(model, config, data, feature_cache):
 
 
 def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, feature_cache, seconds,
-                    stream_from, **fit):
+                    stream_from, cache_cuts, **fit):
     """Trains `model`'s trainable top on the frozen prefix's cached activations.
 
     `schedule` holds `compile_for_training`'s steps_per_epoch, epochs and learning_rate.
@@ -139,12 +142,13 @@ def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, 
     are pinned to `model` so they stay loadable into `build(hp)`.
     """
     prefix, top = model.get_layer(PREFIX_NAME), model.get_layer(TOP_NAME)
-    preprocess_input = get_backbone(config.backbone).preprocess_input
+    backbone = get_backbone(config.backbone)
 
     def features(images, split):
         return feature_cache.features(
             prefix, images, source=config.backbone, resolution=config.resolution,
-            preprocess_input=preprocess_input, data_key=f"{data.key}/{split}", batch_size=batch_size,
+            preprocess_input=backbone.preprocess_input, data_key=f"{data.key}/{split}",
+            companions=lambda: prefixes_for(model, backbone, cache_cuts),
         )
 
     started = time.perf_counter()

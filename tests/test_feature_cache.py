@@ -7,7 +7,7 @@ from data_pipeline import load_dataset
 from data_pipeline.feature_cache import FeatureCache
 from data_pipeline.splits import TrainingData
 from hypermodel.backbones import REGISTRY, get_backbone
-from hypermodel.model import PREFIX_NAME, TOP_NAME, build_transfer_model, split_backbone
+from hypermodel.model import PREFIX_NAME, TOP_NAME, build_transfer_model, prefixes_for, split_backbone
 from hypermodel.space import TrialConfig
 from hypermodel.training import train
 
@@ -92,3 +92,40 @@ def test_over_budget_or_augmented_trials_fall_back_to_end_to_end(data):
     _, mode = train(build_transfer_model(augmented, 10), augmented, data, batch_size=64, seed=0, epochs=1,
                     feature_cache=FeatureCache(None))
     assert mode == "end-to-end: augmentation"
+
+
+def test_one_pass_builds_every_cut_the_search_can_ask_for(data, tmp_path):
+    """The first trial of a backbone builds its cut and the search's other cuts together;
+    trials with those cuts then read them, equal to what their own prefixes compute."""
+    cache = FeatureCache(tmp_path, log=lambda m: None)
+    first = config(unfrozen_blocks=0)
+    _, mode = train(build_transfer_model(first, 10), first, data, batch_size=64, seed=0, epochs=1,
+                    feature_cache=cache, cache_cuts=(0, 2, 5))
+    assert mode == "cached" and cache.builds == 2  # train + validation, one pass each
+    assert len(list(tmp_path.glob("*.npy"))) == 6  # three cuts × two splits
+    for unfrozen in (2, 5):
+        cfg = config(unfrozen_blocks=unfrozen)
+        model = build_transfer_model(cfg, 10)
+        before = cache.builds
+        _, mode = train(model, cfg, data, batch_size=64, seed=0, epochs=1, feature_cache=cache, cache_cuts=(0, 2, 5))
+        assert mode == "cached" and cache.builds == before, unfrozen  # nothing built again
+        # The cached cut is what this trial's own frozen prefix computes (float16 storage).
+        reference = FeatureCache(None).features(
+            build_transfer_model(cfg, 10).get_layer(PREFIX_NAME), data.x_val, source=cfg.backbone,
+            resolution=cfg.resolution, preprocess_input=get_backbone(cfg.backbone).preprocess_input,
+            data_key="slice/val")
+        np.testing.assert_array_equal(prefix_features(cache, model, cfg, data.x_val, "slice/val"), reference)
+
+
+def test_a_pass_leaves_out_the_cuts_over_half_the_budget(data):
+    own = config(unfrozen_blocks=0)
+    model = build_transfer_model(own, 10)
+    # At 32 px the stem cut (all 17 blocks unfrozen) is 16×16×8 per image, the top's 1×1×1280:
+    # a budget just over the top's features, doubled, has no room for the stem's.
+    budget_mb = 2 * FeatureCache.nbytes(model.get_layer(PREFIX_NAME), len(data.x_val)) * 1.1 / 2**20
+    built = []
+    cache = FeatureCache(None, budget_mb=budget_mb, log=built.append)
+    cache.features(model.get_layer(PREFIX_NAME), data.x_val, source=own.backbone, resolution=32,
+                   preprocess_input=get_backbone(own.backbone).preprocess_input, data_key="slice/val",
+                   companions=lambda: prefixes_for(model, get_backbone(own.backbone), (0, 17)))
+    assert len(built) == 1 and "built out_relu" in built[0], built
