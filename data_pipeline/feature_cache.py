@@ -82,12 +82,13 @@ class FeatureCache:
                         len(images))
                     arrays = _predict(self._pass_model(group), len(group), images, resolution, preprocess_input,
                                       batch_size)
-                    # The trial's own key last: the most recently used, evicted last.
-                    for (_, member_key), member_array in reversed(list(zip(group, arrays))):
+                    for (_, member_key), member_array in zip(group, arrays):
                         self._save(_digest(member_key), member_key, member_array)
-                        self._remember(_digest(member_key), member_array)
                         self.log(f"  feature cache: built {member_key['cut']} of {source}@{resolution} "
                                  f"for {data_key.rsplit('/', 1)[-1]} ({member_array.nbytes / 2**20:.0f} MB)")
+                    # The companions first: the trial's own key, remembered below, is evicted last.
+                    for (_, member_key), member_array in zip(group[1:], arrays[1:]):
+                        self._remember(_digest(member_key), member_array)
                     array, built = arrays[0], True
         if built:
             self.builds += 1
@@ -101,12 +102,12 @@ class FeatureCache:
         cached, and together with it within half the budget."""
         chosen, total = [], self.nbytes(own[0], count)
         for prefix, key in candidates:
-            digest = _digest(key)
+            digest, size = _digest(key), self.nbytes(prefix, count)
             cached = digest in self._memory or (self.directory and self._path(digest).exists())
-            if key == own[1] or cached or total + self.nbytes(prefix, count) > self.budget_bytes / 2:
+            if key == own[1] or cached or total + size > self.budget_bytes / 2:
                 continue
             chosen.append((prefix, key))
-            total += self.nbytes(prefix, count)
+            total += size
         return chosen
 
     def _pass_model(self, group):

@@ -69,11 +69,16 @@ def split_backbone(base, block_ends, unfrozen_blocks):
     Returns:
         (prefix, suffix): `suffix(prefix(x)) == base(x)`; suffix is None for 0 blocks.
     """
-    unfrozen = min(unfrozen_blocks, len(block_ends) - 1)
-    if unfrozen == 0:
+    if min(unfrozen_blocks, len(block_ends) - 1) == 0:
         return keras.Model(base.input, base.output, name=PREFIX_NAME), None
-    cut = base.get_layer(block_ends[-(unfrozen + 1)]).output
+    cut = base.get_layer(cut_layer(block_ends, unfrozen_blocks)).output
     return keras.Model(base.input, cut, name=PREFIX_NAME), keras.Model(cut, base.output, name=SUFFIX_NAME)
+
+
+def cut_layer(block_ends, unfrozen_blocks):
+    """The name of the layer the prefix ends at with `unfrozen_blocks` unfrozen (clipped so
+    the stem, block 0, stays frozen; the backbone's output for 0)."""
+    return block_ends[-(min(unfrozen_blocks, len(block_ends) - 1) + 1)]
 
 
 def prefixes_for(model, backbone, unfrozen_choices):
@@ -92,7 +97,7 @@ def prefixes_for(model, backbone, unfrozen_choices):
     suffix = [layer for layer in model.get_layer(TOP_NAME).layers if layer.name == SUFFIX_NAME]
     layers = {layer.name: layer for layer in prefix.layers + (suffix[0].layers if suffix else [])}
     ends = backbone.block_ends(types.SimpleNamespace(layers=list(layers.values())))
-    cuts = sorted({ends[-(min(u, len(ends) - 1) + 1)] for u in unfrozen_choices}, key=ends.index)
+    cuts = sorted({cut_layer(ends, u) for u in unfrozen_choices}, key=ends.index)
     # Layer.output is the output in the backbone's own graph, the one `prefix.input` starts.
     return [keras.Model(prefix.input, layers[cut].output, name=PREFIX_NAME) for cut in cuts]
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from common.shims import SaveBestEpoch
-from hypermodel.callbacks import StopAtDeadline
 from data_pipeline import load_dataset
 from data_pipeline.feature_cache import FeatureCache
 from data_pipeline.splits import TrainingData
+from hypermodel.callbacks import StopAtDeadline
 from hypermodel.model import build_transfer_model
 from hypermodel.space import TrialConfig
 from hypermodel.training import train
