@@ -69,9 +69,10 @@ def split_backbone(base, block_ends, unfrozen_blocks):
     Returns:
         (prefix, suffix): `suffix(prefix(x)) == base(x)`; suffix is None for 0 blocks.
     """
-    if min(unfrozen_blocks, len(block_ends) - 1) == 0:
+    cut_name = cut_layer(block_ends, unfrozen_blocks)
+    if cut_name == block_ends[-1]:  # the backbone's output: nothing unfrozen
         return keras.Model(base.input, base.output, name=PREFIX_NAME), None
-    cut = base.get_layer(cut_layer(block_ends, unfrozen_blocks)).output
+    cut = base.get_layer(cut_name).output
     return keras.Model(base.input, cut, name=PREFIX_NAME), keras.Model(cut, base.output, name=SUFFIX_NAME)
 
 
