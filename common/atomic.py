@@ -15,6 +15,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 
 @contextlib.contextmanager
 def exclusive(path):
@@ -61,6 +63,18 @@ def open_for_replace(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_arrays(path, arrays):
+    """Atomically replaces `path` with the numpy arrays `arrays`, in order (an .npz)."""
+    with open_for_replace(path) as f:
+        np.savez(f, *arrays)
+
+
+def read_arrays(path):
+    """The arrays `write_arrays` wrote to `path`, in order."""
+    with np.load(path, allow_pickle=False) as stored:
+        return [stored[f"arr_{i}"] for i in range(len(stored.files))]
 
 
 def write_text(path, text):

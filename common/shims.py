@@ -30,7 +30,13 @@ The shims:
    step, and `tf.function` then traces the whole step a second time (seconds per trial
    for a fine-tuned top); `Trainer._symbolic_build` creates them first, as Keras itself
    does under a strategy.
+9. `NumpyCheckpointsMixin`: a trial's best-epoch checkpoint is one .npz of the model's
+   weights (`common.atomic.write_arrays`), not Keras' `.weights.h5`; it replaces
+   `Tuner._get_checkpoint_fname`, the checkpoint load in `Hyperband._build_hypermodel`
+   (through `Tuner._build_hypermodel`) and `Tuner.load_model`.
 """
+
+import os
 
 import keras
 import keras_tuner as kt
@@ -41,6 +47,7 @@ from keras_tuner.src.engine import oracle as _kt_oracle
 from keras_tuner.src.engine import tuner_utils as _kt_tuner_utils
 from tensorflow.python.framework import ops as _tf_ops
 
+from common import atomic
 from common.errors import UserError
 
 WRITTEN_FOR = {"keras-tuner": ("1.4", kt.__version__), "tensorflow": ("2.21", tf.__version__),
@@ -150,3 +157,33 @@ def build_before_tracing(model, dataset):
                                   dataset.element_spec)
     with model.distribute_strategy.scope():
         model._symbolic_build(data_batch=batch)
+
+
+
+# 9.
+_require(kt.Tuner, "_get_checkpoint_fname")
+_require(kt.Tuner, "_build_hypermodel")
+
+
+class NumpyCheckpointsMixin:
+    """A Tuner mixin: trial checkpoints are .npz files of `model.get_weights()`.
+
+    Keras' `save_weights` / `load_weights` take about 0.2 s each for a MobileNetV2 (one
+    HDF5 dataset per variable, found by walking the model); the arrays in one .npz take
+    about 0.02 s, and a short trial writes one checkpoint and its next round reads it.
+    The optimizer's state is not kept, as KerasTuner's next round never restored it.
+    """
+
+    def _get_checkpoint_fname(self, trial_id):
+        return os.path.join(self.get_trial_dir(trial_id), "checkpoint.weights.npz")
+
+    def _build_hypermodel(self, hp):
+        model = kt.Tuner._build_hypermodel(self, hp)  # not Hyperband's, which loads a .weights.h5
+        if "tuner/trial_id" in hp.values:  # a Hyperband round continuing an earlier trial
+            model.set_weights(atomic.read_arrays(self._get_checkpoint_fname(hp.values["tuner/trial_id"])))
+        return model
+
+    def load_model(self, trial):
+        model = self._try_build(trial.hyperparameters)
+        model.set_weights(atomic.read_arrays(self._get_checkpoint_fname(trial.trial_id)))
+        return model

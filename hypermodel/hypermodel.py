@@ -9,7 +9,7 @@ import numpy as np
 
 from hypermodel import space
 from hypermodel.footprint import FootprintChecker, Limits
-from hypermodel.model import build_transfer_model
+from hypermodel.model import ReusedBackbones, build_transfer_model
 from hypermodel.training import train
 
 
@@ -41,6 +41,7 @@ class TransferHyperModel(kt.HyperModel):
         self.feature_cache = feature_cache
         self.footprints = FootprintChecker(limits)
         self.epoch_fraction = epoch_fraction
+        self.backbones = ReusedBackbones()  # trials run one at a time in a process
 
     def declare_hyperparameters(self, hp):
         space.declare(hp, self.choices)
@@ -49,7 +50,8 @@ class TransferHyperModel(kt.HyperModel):
         config = space.declare(hp, self.choices)
         started = time.perf_counter()
         self.seconds = {}  # this trial's time, by where it went (read back by `fit`)
-        model = build_transfer_model(config, self.num_classes, self.weights, self.seed, seconds=self.seconds)
+        model = build_transfer_model(config, self.num_classes, self.weights, self.seed, seconds=self.seconds,
+                                     backbones=self.backbones)
         self.seconds["build"] = time.perf_counter() - started - self.seconds.get("weights", 0.0)
         return model
 

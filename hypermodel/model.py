@@ -9,16 +9,18 @@ output for an image never changes, which is what lets the feature cache
 without recomputing the prefix every epoch.
 """
 
+import time
 import types
 
 import keras
+import tensorflow as tf
 
 from hypermodel.backbones import get_backbone
 
 PREFIX_NAME, TOP_NAME, SUFFIX_NAME = "frozen_prefix", "trainable_top", "unfrozen_blocks"
 
 
-def build_transfer_model(config, num_classes, weights="imagenet", seed=0, seconds=None):
+def build_transfer_model(config, num_classes, weights="imagenet", seed=0, seconds=None, backbones=None):
     """Builds `inputs → frozen_prefix → trainable_top` for one `TrialConfig`.
 
     Args:
@@ -27,13 +29,19 @@ def build_transfer_model(config, num_classes, weights="imagenet", seed=0, second
         weights: "imagenet" or "none".
         seed: Seeds the random initialisation (head; whole backbone with "none").
         seconds: Optional dict; receives the seconds spent loading weights ("weights").
+        backbones: Optional `ReusedBackbones` to take the backbone from (search trials).
 
     Returns:
         The end-to-end Keras model, expecting preprocessed [batch, res, res, 3] floats.
     """
     keras.utils.set_random_seed(seed)
     backbone = get_backbone(config.backbone)
-    base = backbone.build(config.resolution, weights, seconds)
+    if backbones is None:
+        base = backbone.build(config.resolution, weights, seconds)
+    else:
+        base = backbones.get(backbone, config.resolution, weights, seconds)
+    # Seeded again, so the head's initialisation is the same whether the backbone was built or reused.
+    keras.utils.set_random_seed(seed)
     prefix, suffix = split_backbone(base, backbone.block_ends(base), config.unfrozen_blocks)
     prefix.trainable = False
 
@@ -55,6 +63,35 @@ def build_transfer_model(config, num_classes, weights="imagenet", seed=0, second
 
     inputs = keras.Input((config.resolution, config.resolution, 3), name="images")
     return keras.Model(inputs, top(prefix(inputs, training=False)), name=f"{config.backbone}_transfer")
+
+
+class ReusedBackbones:
+    """Backbones built once per process, handed out again with their first weights restored.
+
+    Building a MobileNetV2 and loading its weights takes about half a second, most of a
+    short cached trial; restoring the weights takes a twentieth of that. Every model
+    built on a reused backbone shares its layers (and the trainable flags the last build
+    set), so only one of them may be in use at a time: the search's trials, one after
+    another in a process, never the retrain or export, whose models must stay intact.
+    """
+
+    def __init__(self):
+        self._built = {}  # key → (backbone model, its weights as first built)
+
+    def get(self, backbone, resolution, weights, seconds=None):
+        """`backbone.build(resolution, weights, seconds)`, or the same model again, as built."""
+        # Variables belong to the strategy they were created under, and layers keep their dtype policy.
+        key = (backbone.name, resolution, weights, keras.config.dtype_policy().name, tf.distribute.get_strategy())
+        if key not in self._built:
+            base = backbone.build(resolution, weights, seconds)
+            self._built[key] = (base, base.get_weights())
+            return base
+        base, first_weights = self._built[key]
+        started = time.perf_counter()
+        base.set_weights(first_weights)
+        if seconds is not None:
+            seconds["weights"] = seconds.get("weights", 0.0) + time.perf_counter() - started
+        return base
 
 
 def split_backbone(base, block_ends, unfrozen_blocks):

@@ -144,7 +144,7 @@ def test_a_latency_limit_below_every_model_rejects_all_trials_untrained(tmp_path
     assert board["error"].str.startswith("REJECTED: latency").all()
     # Nothing trained: no epoch ran, no checkpoint or feature cache was written.
     assert (board["epochs"] == 0).all()
-    assert not list((run_dir / "tuner").rglob("*.weights.h5")) and not list(run_dir.glob("feature_cache/*"))
+    assert not list((run_dir / "tuner").rglob("checkpoint.weights.*")) and not list(run_dir.glob("feature_cache/*"))
 
 
 def test_a_size_limit_trains_only_the_models_within_it(tmp_path):

@@ -90,8 +90,11 @@ def test_tflite_exports_of_image_files_take_decoded_pixels_and_agree(folder_job,
     saved = classes[""]
     clear = saved["confidence"].to_numpy() >= 0.6
     np.testing.assert_array_equal(classes["model.tflite"]["class_name"][clear], saved["class_name"][clear])
-    agreement = np.mean(classes["model_int8.tflite"]["class_name"] == saved["class_name"])
-    assert agreement >= 0.8, agreement
+    # int8 rounding may flip what the float model barely decides (a smoke model's median
+    # confidence on 3 classes is about 0.5), not what it is sure of.
+    assert clear.sum() >= 5, saved["confidence"].describe()
+    agreement = np.mean(classes["model_int8.tflite"]["class_name"][clear] == saved["class_name"][clear])
+    assert agreement >= 0.9, agreement
 
 
 def test_saved_model_cli_runs_the_export_on_a_real_jpeg(folder_job, tmp_path):

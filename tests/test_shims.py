@@ -169,8 +169,8 @@ def test_keras_tuner_hands_fit_a_save_best_epoch_whose_filepath_is_read_when_sav
     checkpoints = [cb for cb in kwargs["callbacks"] if isinstance(cb, shims.SaveBestEpoch)]
     assert len(checkpoints) == 1, [type(cb) for cb in kwargs["callbacks"]]
     checkpoint = checkpoints[0]
-    # KerasTuner saved the trial's best epoch at the callback's filepath, a .weights.h5
-    # (hypermodel.callbacks.AtomicCheckpoint swaps it for a temporary name of that form).
+    # KerasTuner saved the trial's best epoch at the callback's filepath
+    # (hypermodel.callbacks.AtomicCheckpoint writes its .npz there instead).
     assert checkpoint.filepath.endswith(".weights.h5") and Path(checkpoint.filepath).is_file()
 
     redirected = tmp_path / "redirected.weights.h5"
@@ -372,3 +372,62 @@ def test_keras_tuner_prints_failed_trial_tracebacks_unless_hidden(tmp_path, caps
     assert tuner.oracle.trials[next(iter(tuner.oracle.trials))].status == "FAILED"
     printed = capsys.readouterr()
     assert ("this trial cannot run" in printed.out + printed.err) is not hidden
+
+
+# 9. NumpyCheckpointsMixin -----------------------------------------------------------------
+
+
+class NumpyCheckpointHyperband(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin, kt.Hyperband):
+    pass
+
+
+class CheckpointingHyperModel(TinyHyperModel):
+    """Checkpoints as the tool's training loop does (`AtomicCheckpoint`), and records the
+    weights each fit starts from and has after every epoch, with its val_loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.started_with, self.epochs = {}, {}
+
+    def fit(self, hp, model, *args, callbacks=(), **kwargs):
+        from hypermodel.callbacks import AtomicCheckpoint
+
+        trial = [cb for cb in callbacks if isinstance(cb, shims.SaveBestEpoch)][0].filepath
+        self.started_with[trial] = model.get_weights()
+        epochs = self.epochs.setdefault(trial, [])
+
+        class Record(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                epochs.append((logs["val_loss"], self.model.get_weights()))
+
+        callbacks = [AtomicCheckpoint(cb) if isinstance(cb, shims.SaveBestEpoch) else cb for cb in callbacks]
+        return super().fit(hp, model, *args, callbacks=callbacks + [Record()], **kwargs)
+
+
+def test_numpy_checkpoints_hold_the_best_epoch_and_the_next_hyperband_round_starts_from_them(tmp_path):
+    hypermodel = CheckpointingHyperModel()
+    tuner = NumpyCheckpointHyperband(hypermodel, objective="val_loss", max_epochs=2, factor=2, seed=1,
+                                     directory=str(tmp_path), project_name="p")
+    search_tiny(tuner)
+
+    trials = {t.trial_id: t for t in tuner.oracle.trials.values()}
+    assert {t.status for t in trials.values()} == {"COMPLETED"}
+    assert not list(tmp_path.rglob("*.h5"))
+    for trial_id, trial in trials.items():
+        path = Path(tuner.get_trial_dir(trial_id)) / "checkpoint.weights.npz"
+        best_loss, best_weights = min(hypermodel.epochs[str(path)], key=lambda e: e[0])
+        for got, expected in zip(shims.atomic.read_arrays(path), best_weights, strict=True):
+            np.testing.assert_array_equal(got, expected)
+        parent = trial.hyperparameters.values.get("tuner/trial_id")
+        if parent:  # a later round: it starts from its parent's best epoch
+            _, parent_best = min(hypermodel.epochs[str(Path(tuner.get_trial_dir(parent)) / path.name)],
+                                 key=lambda e: e[0])
+            for got, expected in zip(hypermodel.started_with[str(path)], parent_best, strict=True):
+                np.testing.assert_array_equal(got, expected)
+    assert any(t.hyperparameters.values.get("tuner/trial_id") for t in trials.values())
+
+    best = tuner.oracle.get_best_trials(1)[0]
+    loaded = tuner.load_model(best)
+    _, expected = min(hypermodel.epochs[tuner._get_checkpoint_fname(best.trial_id)], key=lambda e: e[0])
+    for got, want in zip(loaded.get_weights(), expected, strict=True):
+        np.testing.assert_array_equal(got, want)

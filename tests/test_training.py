@@ -8,12 +8,13 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
+from common import atomic
 from common.shims import SaveBestEpoch
 from data_pipeline import load_dataset
 from data_pipeline.feature_cache import FeatureCache
 from data_pipeline.splits import TrainingData
 from hypermodel.callbacks import StopAtDeadline
-from hypermodel.model import build_transfer_model
+from hypermodel.model import PREFIX_NAME, ReusedBackbones, build_transfer_model
 from hypermodel.space import TrialConfig
 from hypermodel.training import train
 
@@ -78,7 +79,7 @@ def test_a_round_validated_once_trains_the_same_steps_under_the_same_schedule(da
 
 
 def test_the_checkpoint_holds_the_best_epochs_weights_written_once(data, tmp_path, monkeypatch):
-    path = str(tmp_path / "checkpoint.weights.h5")
+    path = str(tmp_path / "checkpoint.weights.npz")
     checkpoint = SaveBestEpoch(kt.Objective("val_accuracy", "max"), path)
     model = build_transfer_model(config(learning_rate=1e-2), 10)
     seen = []
@@ -87,21 +88,41 @@ def test_the_checkpoint_holds_the_best_epochs_weights_written_once(data, tmp_pat
         def on_epoch_end(self, epoch, logs=None):
             seen.append((logs["val_accuracy"], model.get_weights()))
 
-    saves = []
-    save_weights = keras.Model.save_weights
-    monkeypatch.setattr(keras.Model, "save_weights", lambda self, p, *a, **k: saves.append(p) or
-                        save_weights(self, p, *a, **k))
+    writes = []
+    write_arrays = atomic.write_arrays
+    monkeypatch.setattr(atomic, "write_arrays", lambda p, arrays: writes.append(p) or write_arrays(p, arrays))
     train(model, config(learning_rate=1e-2), data, batch_size=32, seed=0, epochs=4,
           callbacks=[checkpoint, Record()], feature_cache=FeatureCache(None))
-    assert len(saves) == 1 and not list(tmp_path.glob("*.tmp.*"))
+    assert writes == [path] and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.weights.npz"]
     best = max(range(len(seen)), key=lambda i: (seen[i][0], -i))  # the first epoch with the top score
-    restored = build_transfer_model(config(), 10)
-    restored.load_weights(path)
-    for got, expected in zip(restored.get_weights(), seen[best][1], strict=True):
+    stored = atomic.read_arrays(path)
+    for got, expected in zip(stored, seen[best][1], strict=True):
         np.testing.assert_array_equal(got, expected)
+    restored = build_transfer_model(config(), 10)
+    restored.set_weights(stored)  # the stored arrays fit a freshly built model of the same trial
     # The model itself keeps its last epoch's weights.
     for got, expected in zip(model.get_weights(), seen[-1][1], strict=True):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_a_reused_backbone_starts_each_trial_as_if_freshly_built(data):
+    """A search trial's model on a reused backbone has exactly the weights (ImageNet
+    backbone, seeded head) and the trainable weights of a freshly built one, whatever
+    the trial before it fine-tuned on the same backbone."""
+    backbones = ReusedBackbones()
+    first = build_transfer_model(config(unfrozen_blocks=5), 10, backbones=backbones)
+    before = first.get_weights()
+    train(first, config(unfrozen_blocks=5), data, batch_size=32, seed=0, epochs=1)
+    assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), before))  # it fine-tuned
+    for cut in (5, 2):
+        reused = build_transfer_model(config(unfrozen_blocks=cut), 10, backbones=backbones)
+        fresh = build_transfer_model(config(unfrozen_blocks=cut), 10)
+        assert reused.get_layer(PREFIX_NAME).layers[-1] in first.layers[1].layers + first.layers[2].layers[1].layers
+        for got, expected in zip(reused.get_weights(), fresh.get_weights(), strict=True):
+            np.testing.assert_array_equal(got, expected)
+        # The same backbone weights train (the heads' auto-generated layer names differ).
+        assert [(w.path if w.path.startswith("block_") else "head", tuple(w.shape)) for w in reused.trainable_weights] \
+            == [(w.path if w.path.startswith("block_") else "head", tuple(w.shape)) for w in fresh.trainable_weights]
 
 
 def test_latency_is_measured_once_per_backbone_and_resolution_and_size_is_each_models(monkeypatch):

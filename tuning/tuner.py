@@ -200,7 +200,7 @@ class BayesianOptimizationOracle(BudgetedOracleMixin, kt.oracles.BayesianOptimiz
     pass
 
 
-class TransferTuner(shims.DeclaredSpaceMixin, kt.Tuner):
+class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin, kt.Tuner):
     """A KerasTuner `Tuner` that records each trial and keeps the leaderboard current.
 
     Args:
