@@ -159,7 +159,6 @@ def build_before_tracing(model, dataset):
         model._symbolic_build(data_batch=batch)
 
 
-
 # 9.
 _require(kt.Tuner, "_get_checkpoint_fname")
 _require(kt.Tuner, "_build_hypermodel")
@@ -180,10 +179,12 @@ class NumpyCheckpointsMixin:
     def _build_hypermodel(self, hp):
         model = kt.Tuner._build_hypermodel(self, hp)  # not Hyperband's, which loads a .weights.h5
         if "tuner/trial_id" in hp.values:  # a Hyperband round continuing an earlier trial
-            model.set_weights(atomic.read_arrays(self._get_checkpoint_fname(hp.values["tuner/trial_id"])))
+            self._load_checkpoint(model, hp.values["tuner/trial_id"])
         return model
 
     def load_model(self, trial):
-        model = self._try_build(trial.hyperparameters)
-        model.set_weights(atomic.read_arrays(self._get_checkpoint_fname(trial.trial_id)))
+        return self._load_checkpoint(self._try_build(trial.hyperparameters), trial.trial_id)
+
+    def _load_checkpoint(self, model, trial_id):
+        model.set_weights(atomic.read_arrays(self._get_checkpoint_fname(trial_id)))
         return model
