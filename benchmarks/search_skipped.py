@@ -2,6 +2,7 @@
 
     python benchmarks/search_skipped.py                        # the cpu profile's hour, fixed config
     python benchmarks/search_skipped.py --profile smoke        # a quick look
+    python benchmarks/search_skipped.py --set resolution=64 --set unfrozen_blocks=17 --set learning_rate=4e-4
 
 Issue 15 goal 3(b): at equal wall time, does the search pay for itself? This runs what
 `python search.py` runs, minus the search: the run dir is prepared by a one-trial search
@@ -42,6 +43,18 @@ FIXED = TrialConfig(
 )
 
 
+def with_overrides(config, assignments):
+    """`config` with each "field=value" of `assignments` applied (typed like the field)."""
+    changes = {}
+    for assignment in assignments:
+        field, _, value = assignment.partition("=")
+        if field not in {f.name for f in dataclasses.fields(config)} or not value:
+            raise SystemExit(f"--set {assignment!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(f.name for f in dataclasses.fields(config))}")
+        changes[field] = type(getattr(config, field))(value)
+    return dataclasses.replace(config, **changes)
+
+
 def run(*args):
     command = [sys.executable, "search.py", *map(str, args)]
     print("$", " ".join(command), flush=True)
@@ -52,6 +65,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     parser.add_argument("--run-dir", help="default: results/search-skipped-<profile>-<timestamp>")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a field of the fixed configuration (repeatable)")
     args = parser.parse_args()
     started = time.time()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -59,6 +74,7 @@ def main():
     config = FIXED
     if args.profile == "smoke":  # the smoke profile's only resolution
         config = dataclasses.replace(FIXED, resolution=PROFILES["smoke"]["choices"].resolutions[0], unfrozen_blocks=2)
+    config = with_overrides(config, args.set)
     # A space of the fixed configuration alone, one short trial: only to make the run dir.
     run("search", "--profile", args.profile, "--run-dir", run_dir, "--tuner", "random", "--max-trials", 1,
         "--backbones", config.backbone, "--resolutions", config.resolution,
