@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.end_to_end import score_export  # noqa: E402
 from benchmarks.machine import cpu_description  # noqa: E402
+from common import atomic  # noqa: E402
 from hypermodel.space import TrialConfig  # noqa: E402
 from tuning.profiles import PROFILES  # noqa: E402
 
@@ -45,12 +46,11 @@ FIXED = TrialConfig(
 
 def with_overrides(config, assignments):
     """`config` with each "field=value" of `assignments` applied (typed like the field)."""
-    changes = {}
+    changes, names = {}, [f.name for f in dataclasses.fields(config)]
     for assignment in assignments:
         field, _, value = assignment.partition("=")
-        if field not in {f.name for f in dataclasses.fields(config)} or not value:
-            raise SystemExit(f"--set {assignment!r}: expected FIELD=VALUE with FIELD one of "
-                             f"{', '.join(f.name for f in dataclasses.fields(config))}")
+        if field not in names or not value:
+            raise SystemExit(f"--set {assignment!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)}")
         changes[field] = type(getattr(config, field))(value)
     return dataclasses.replace(config, **changes)
 
@@ -82,7 +82,7 @@ def main():
     best_path = run_dir / "best_hparams.json"
     best = json.loads(best_path.read_text())
     best["hyperparameters"] = dataclasses.asdict(config)
-    best_path.write_text(json.dumps(best, indent=2))
+    atomic.write_json(best_path, best)
     setup_s = time.time() - started
     job_budget_s = PROFILES[args.profile].get("job_time_budget_s")
     retrain_flags = ["--job-time-budget", f"{max(60, job_budget_s - setup_s):.0f}s"] if job_budget_s else []

@@ -117,8 +117,8 @@ class FeatureCache:
         if self._last_pass[0] != cuts:
             prefixes = [prefix for prefix, _ in group]
             model = keras.Model(prefixes[0].input, [prefix.output for prefix in prefixes])
-            outputs = tf.function(lambda images: tf.nest.flatten(model(images, training=False)), autograph=False)
-            self._last_pass = (cuts, outputs)
+            run_pass = tf.function(lambda images: tf.nest.flatten(model(images, training=False)), autograph=False)
+            self._last_pass = (cuts, run_pass)
         return self._last_pass[1]
 
     @staticmethod
