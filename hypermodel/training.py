@@ -11,6 +11,7 @@ import time
 
 import keras
 import numpy as np
+from keras import ops
 
 from common.shims import SaveBestEpoch, build_before_tracing
 from data_pipeline.feature_cache import feature_batches
@@ -26,8 +27,38 @@ from hypermodel.schedules import WarmupSchedule
 CACHED_HEAD_STEPS_PER_EXECUTION = 32
 
 
-def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=None, steps_per_execution=1):
-    """Compiles with the trial's optimizer and warmup + decay schedule over `epochs`."""
+@keras.saving.register_keras_serializable(package="transfer_tuner")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy of integer labels smoothed towards the uniform distribution.
+
+    Keras' sparse cross-entropy has no `label_smoothing`; this one-hot encodes the
+    labels for the dense one, which has.
+
+    Args:
+        label_smoothing: The share of each label's mass spread over all classes.
+    """
+
+    def __init__(self, label_smoothing, name="smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        labels = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), ops.shape(y_pred)[-1])
+        return keras.losses.categorical_crossentropy(labels, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=None, steps_per_execution=1,
+                         label_smoothing=0.0, ema_momentum=None):
+    """Compiles with the trial's optimizer and warmup + decay schedule over `epochs`.
+
+    Args:
+        label_smoothing: Above 0, the loss is `SmoothedSparseCrossentropy`.
+        ema_momentum: If set, the optimizer also keeps an exponential moving average of
+            the weights (per step); fit with `keras.callbacks.SwapEMAWeights` to use it.
+    """
     schedule = WarmupSchedule(
         learning_rate or config.learning_rate,
         config.lr_schedule,
@@ -36,17 +67,19 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
     )
     # The optimizer's variables must live under the strategy the model was built in.
     with model.distribute_strategy.scope():
+        ema = dict(use_ema=True, ema_momentum=ema_momentum) if ema_momentum else {}
         if config.optimizer == "adamw":
-            optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
+            optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4, **ema)
         else:
-            optimizer = keras.optimizers.Adam(schedule)
-        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+            optimizer = keras.optimizers.Adam(schedule, **ema)
+        loss = SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
+        model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
                       steps_per_execution=steps_per_execution)
 
 
 def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,
           callbacks=(), feature_cache=None, verbose=0, seconds=None, epoch_fraction=1.0, validate_once=False,
-          cache_cuts=()):
+          cache_cuts=(), label_smoothing=0.0, ema_momentum=None):
     """Compiles and fits `model` on `data`, on cached prefix features when possible.
 
     Args:
@@ -66,6 +99,8 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
             The learning rate schedule still runs over the epochs.
         cache_cuts: Other `unfrozen_blocks` values (the search's choices) whose prefix
             features are built in the same pass when this trial's must be built.
+        label_smoothing, ema_momentum: As in `compile_for_training`; with `ema_momentum`,
+            validation, callbacks and the fitted model see the averaged weights.
 
     Returns:
         (History, how it trained: "cached" or "end-to-end[: reason]").
@@ -75,7 +110,11 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
     # shuffle=False: the tf.data pipelines shuffle, in a seeded order (Keras would warn).
     fit = dict(epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, shuffle=False)
     steps_per_epoch, stream_from = math.ceil(len(data.x_train) / batch_size), None
-    schedule = dict(steps_per_epoch=steps_per_epoch, epochs=epochs - initial_epoch, learning_rate=learning_rate)
+    schedule = dict(steps_per_epoch=steps_per_epoch, epochs=epochs - initial_epoch, learning_rate=learning_rate,
+                    label_smoothing=label_smoothing, ema_momentum=ema_momentum)
+    if ema_momentum:
+        # Before the other callbacks, so that early stopping keeps the averaged weights.
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if epoch_fraction < 1 or validate_once:
         steps_per_epoch = schedule["steps_per_epoch"] = max(1, round(steps_per_epoch * epoch_fraction))
         stream_from = initial_epoch * steps_per_epoch
@@ -136,7 +175,7 @@ def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, 
                     stream_from, cache_cuts, **fit):
     """Trains `model`'s trainable top on the frozen prefix's cached activations.
 
-    `schedule` holds `compile_for_training`'s steps_per_epoch, epochs and learning_rate.
+    `schedule` holds `compile_for_training`'s arguments but the model and config.
 
     The top shares its weights with `model`, so `model` is trained too; checkpoints
     are pinned to `model` so they stay loadable into `build(hp)`.
@@ -169,7 +208,7 @@ def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, 
 
 
 def epochs_that_fit(finish_by, model, config, data, batch_size, seed, timed_steps=24, warmup_steps=8,
-                    validation_steps=(3, 9)):
+                    validation_steps=(3, 9), **compile_options):
     """How many end-to-end epochs of `model` on `data` fit between the end of this timing
     and `finish_by` (a `time.time()`).
 
@@ -179,7 +218,8 @@ def epochs_that_fit(finish_by, model, config, data, batch_size, seed, timed_step
     lengths, which give a validation step's time and a pass's fixed cost (its iterator
     and callbacks; assuming validation costs a third of a training step left epochs ~10 %
     longer than planned). Restores the weights, so the caller's schedule can be planned
-    over the epochs that will actually run.
+    over the epochs that will actually run. `compile_options` (label smoothing, weight
+    averaging) are `compile_for_training`'s, so their cost is timed too.
 
     Returns:
         (epochs, estimated seconds per epoch including validation); epochs ≥ 1.
@@ -187,7 +227,7 @@ def epochs_that_fit(finish_by, model, config, data, batch_size, seed, timed_step
     weights = model.get_weights()
     steps_per_epoch = math.ceil(len(data.x_train) / batch_size)
     val_steps = math.ceil(len(data.x_val) / batch_size)
-    compile_for_training(model, config, steps_per_epoch, 1)
+    compile_for_training(model, config, steps_per_epoch, 1, **compile_options)
     preprocess_input = get_backbone(config.backbone).preprocess_input
     train_ds = make_dataset(
         data.x_train, data.y_train, config.resolution, preprocess_input,

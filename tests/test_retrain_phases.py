@@ -259,3 +259,29 @@ def test_flip_tta_export_averages_each_image_with_its_mirror():
     np.testing.assert_allclose(served[False]["probabilities"].numpy(), plain, atol=1e-5)
     np.testing.assert_allclose(served[True]["probabilities"].numpy(), (plain + mirrored) / 2, atol=1e-5)
     assert np.abs(plain - mirrored).max() > 1e-3  # the mirror really is a different input
+
+
+def test_phase2_keeps_the_averaged_weights_it_validated_with_label_smoothing(searched):
+    """With `ema_momentum`, phase 2 (end to end, augmented) validates the weights' moving
+    average and the saved model is that average: its validation accuracy, computed here,
+    is the best one phase 2 recorded."""
+    settings, dataset, run_dir, _ = searched
+    settings = dataclasses.replace(settings, retrain_augmentation="flip_shift_erase", retrain_epochs=(1, 3),
+                                   ema_momentum=0.9, label_smoothing=0.1)
+    data = search_data(dataset, settings)
+    metrics = retrain_module.retrain(run_dir, settings, dataset, data, log=lambda m: None)
+    phase2 = metrics["phase2"]
+    assert (phase2["ema_momentum"], phase2["label_smoothing"], phase2["mode"]) == (0.9, 0.1, "end-to-end")
+    assert "ema_momentum" not in metrics["phase1"]
+    import hypermodel.schedules  # noqa: F401  (model.keras's optimizer uses WarmupSchedule)
+
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    accuracy = np.mean(model.predict(preprocess(data.x_val, 32), verbose=0).argmax(1) == data.y_val)
+    assert accuracy == pytest.approx(phase2["best_val_accuracy"], abs=1.5 / len(data.y_val))
+
+
+def test_smoothed_sparse_crossentropy_against_a_worked_example():
+    # Label 0 of 3 classes, smoothing 0.3: the target is [0.8, 0.1, 0.1].
+    loss = training_module.SmoothedSparseCrossentropy(0.3)
+    value = float(loss(np.array([0]), np.array([[0.7, 0.2, 0.1]], np.float32)))
+    assert value == pytest.approx(-(0.8 * np.log(0.7) + 0.1 * np.log(0.2) + 0.1 * np.log(0.1)), rel=1e-5)

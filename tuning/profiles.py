@@ -70,6 +70,10 @@ PROFILES = {
         # Phase 1 is a single epoch, so phase 2 does the real fine-tuning: half the
         # searched rate (the search found it works for fine-tuning from the start).
         phase2_lr_factor=0.5,
+        # Phase 2's validation plateaus at ~94 % with training accuracy above it: soften
+        # the targets and keep the weights' average over the last ~1 000 steps (1.2 epochs).
+        label_smoothing=0.1,
+        ema_momentum=0.999,
         job_time_budget_s=58 * 60,
     ),
     "gpu": dict(

@@ -3,8 +3,9 @@
     Phase 1: backbone frozen, head trained at the chosen learning rate.
     Phase 2: the chosen top blocks unfrozen (BatchNorm frozen, inference mode),
              a lower learning rate (the profile's `phase2_lr_factor`, 0.1 by default),
-             same schedule shape, optionally a stronger augmentation; with a job
-             deadline, as many epochs as fit before it (timed, not guessed).
+             same schedule shape, optionally a stronger augmentation, label smoothing
+             and a moving average of the weights (`label_smoothing`, `ema_momentum`);
+             with a job deadline, as many epochs as fit before it (timed, not guessed).
 Both phases stop early on validation accuracy and restore their best weights. Flip
 test-time augmentation is then kept if it helps on validation.
 """
@@ -92,11 +93,14 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
             EpochProgress(phase, log, deadline),
         ]
         patience = settings.early_stopping_patience
+        regularisation = {}
+        if phase == "phase2":
+            regularisation = dict(label_smoothing=settings.label_smoothing, ema_momentum=settings.ema_momentum)
         plan = {}
         if epochs_ is None:  # phase 2 fitted to the job's deadline
             finish_by = deadline - FINISH_RESERVE_S
             epochs_, epoch_s = epochs_that_fit(finish_by, model, phase_config, data, settings.batch_size,
-                                               settings.seed)
+                                               settings.seed, **regularisation)
             plan = {"planned_epochs": epochs_, "planned_epoch_s": round(epoch_s, 1),
                     "planned_seconds": round(finish_by - time.time(), 1)}
             callbacks.append(StopAtDeadline(finish_by, first_epoch_s=epoch_s))
@@ -111,6 +115,7 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
             history, mode = train(
                 model, phase_config, data, batch_size=settings.batch_size, seed=settings.seed, epochs=epochs_,
                 learning_rate=lr, callbacks=callbacks, feature_cache=feature_cache, verbose=settings.verbose,
+                **regularisation,
             )
         except kt.errors.FailedTrialError as e:
             raise DivergedError(
@@ -124,6 +129,7 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
             "seconds": round(time.time() - started, 1),
             "learning_rate": lr,
             "augmentation": phase_config.augmentation,
+            **regularisation,
             "mode": mode,
             **plan,
         }

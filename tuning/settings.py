@@ -94,6 +94,15 @@ def share(text):
     return _checked_float(text, lambda v: 0.0 < v <= 1.0, "a share above 0 and at most 1")
 
 
+def smoothing(text):
+    return _checked_float(text, lambda v: 0.0 <= v < 1.0, "a share ≥ 0 and below 1")
+
+
+def momentum_or_off(text):
+    """A moving average's momentum in (0, 1); 0 → None (off)."""
+    return _checked_float(text, lambda v: 0.0 <= v < 1.0, "a momentum ≥ 0 and below 1 (0 = off)") or None
+
+
 def positive_float(text):
     return _checked_float(text, lambda v: v > 0, "a number > 0")
 
@@ -233,6 +242,11 @@ SETTINGS = (
     Setting("retrain_augmentation", None, "augmentation of the retrain's phase 2 (None = as searched)",
             resumable=True),
     Setting("phase2_lr_factor", 0.1, "phase 2 learning rate = the searched one × this", resumable=True),
+    Setting("label_smoothing", 0.0, "retrain's phase 2: share of each label spread over all classes",
+            "--label-smoothing", smoothing, commands=RETRAINING, resumable=True, example="0.1"),
+    Setting("ema_momentum", None, "retrain's phase 2: validate and keep a per-step moving average of the "
+            "weights with this momentum; 0 = off", "--ema-momentum", momentum_or_off, commands=RETRAINING,
+            resumable=True, example="0.999"),
     # Deployment: what is exported, and the limits trials and artifacts must meet.
     Setting("formats", EXPORT_FORMATS, f"comma-separated export formats: {', '.join(EXPORT_FORMATS)}",
             "--formats", export_formats, commands=EXPORTING, resumable=True, example="savedmodel,tflite-int8"),
