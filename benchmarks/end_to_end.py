@@ -72,7 +72,7 @@ def main():
         "export_s": timings.get("export"),
         "trials": trials,
         "epochs_phase2": metrics.get("phase2", {}).get("epochs"),
-        "phase2_epoch_s_planned": metrics.get("phase2", {}).get("planned_epoch_s"),
+        "phase2_epoch_s_planned": metrics.get("phase2", {}).get("plan", {}).get("epoch_s"),
         "exports": {fmt: {k: r[k] for k in ("test_accuracy", "drop_pp", "size_kb")}
                     for fmt, r in metrics.get("exports", {}).items()},
         "run_dir": str(run_dir),

@@ -56,8 +56,9 @@ def main():
     epochs = args.epochs
     if args.wall_time:
         finish_by = started + args.wall_time - EVALUATION_RESERVE_S
-        epochs, epoch_s = epochs_that_fit(finish_by, model, config, data, args.batch_size, seed=0)
-        print(f"{epoch_s:.0f} s per epoch: {epochs} epochs fit in --wall-time {args.wall_time:.0f} s", flush=True)
+        plan = epochs_that_fit(finish_by, model, config, data, args.batch_size, seed=0)
+        epochs = plan.epochs
+        print(f"{plan.reasoning()} in --wall-time {args.wall_time:.0f} s", flush=True)
     history, _ = train(model, config, data, batch_size=args.batch_size, seed=0, epochs=epochs, verbose=2)
     metrics = evaluate_test(model, config, dataset)
     print(json.dumps({

@@ -103,7 +103,7 @@ def main():
         "retrain_s": timings.get("retrain"),
         "export_s": timings.get("export"),
         "epochs_phase2": metrics.get("phase2", {}).get("epochs"),
-        "phase2_epoch_s_planned": metrics.get("phase2", {}).get("planned_epoch_s"),
+        "phase2_epoch_s_planned": metrics.get("phase2", {}).get("plan", {}).get("epoch_s"),
         "run_dir": str(run_dir),
     }))
 

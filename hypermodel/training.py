@@ -6,6 +6,7 @@ cache can serve the trial, else the whole model on images through tf.data.
 `fine_tune_top` nudges an already trained top on given features (the int8 export's).
 """
 
+import dataclasses
 import math
 import time
 
@@ -207,6 +208,39 @@ def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, 
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """How many epochs fit before a deadline, and the measurements that decided it.
+
+    Args:
+        epochs: Epochs that fit (≥ 1).
+        epoch_s: Estimated seconds per epoch, validation included.
+        train_step_s: A timed training step.
+        steps_per_epoch: Training steps per epoch.
+        validation_s: A validation pass, its fixed cost included.
+        overhead_s: An epoch's other fixed cost (the training iterator, the callbacks).
+        seconds_left: Seconds between the end of the timing and the deadline.
+    """
+
+    epochs: int
+    epoch_s: float
+    train_step_s: float
+    steps_per_epoch: int
+    validation_s: float
+    overhead_s: float
+    seconds_left: float
+
+    def reasoning(self):
+        return (f"{self.steps_per_epoch} steps × {1000 * self.train_step_s:.0f} ms + validation "
+                f"{self.validation_s:.1f} s + {self.overhead_s:.1f} s fixed = {self.epoch_s:.0f} s per epoch; "
+                f"{self.seconds_left:.0f} s left → "
+                + (f"{self.epochs} epochs" if self.seconds_left >= self.epoch_s else "1 epoch, the minimum"))
+
+    def to_dict(self):
+        rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+        return {**rounded, "reasoning": self.reasoning()}
+
+
 def epochs_that_fit(finish_by, model, config, data, batch_size, seed, timed_steps=24, warmup_steps=8,
                     validation_steps=(3, 9), **compile_options):
     """How many end-to-end epochs of `model` on `data` fit between the end of this timing
@@ -222,7 +256,7 @@ def epochs_that_fit(finish_by, model, config, data, batch_size, seed, timed_step
     averaging) are `compile_for_training`'s, so their cost is timed too.
 
     Returns:
-        (epochs, estimated seconds per epoch including validation); epochs ≥ 1.
+        An `EpochPlan`.
     """
     weights = model.get_weights()
     steps_per_epoch = math.ceil(len(data.x_train) / batch_size)
@@ -252,8 +286,11 @@ def epochs_that_fit(finish_by, model, config, data, batch_size, seed, timed_step
     pass_fixed_s = max(0.0, passes[0] - short * val_step_s)
     # An epoch: its training steps, a validation pass, and the same fixed cost again for
     # the training iterator and the epoch's callbacks.
-    epoch_s = step_s * steps_per_epoch + val_step_s * val_steps + 2 * pass_fixed_s
-    return max(1, int((finish_by - time.time()) // epoch_s)), epoch_s
+    validation_s = val_step_s * val_steps + pass_fixed_s
+    epoch_s = step_s * steps_per_epoch + validation_s + pass_fixed_s
+    seconds_left = finish_by - time.time()
+    return EpochPlan(max(1, int(seconds_left // epoch_s)), epoch_s, step_s, steps_per_epoch, validation_s,
+                     pass_fixed_s, seconds_left)
 
 
 def fine_tune_top(model, views, labels, val_views, val_labels, epochs, learning_rate, batch_size, seed):

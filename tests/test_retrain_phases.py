@@ -225,7 +225,8 @@ def test_epochs_that_fit_matches_a_timed_epoch_and_leaves_the_weights_untouched(
     model = model_module.build_transfer_model(config, dataset.num_classes)
     model_module.set_unfrozen_blocks_trainable(model, True)
     before = [w.copy() for w in model.get_weights()]
-    epochs, epoch_s = training_module.epochs_that_fit(time.time() + 120, model, config, data, batch_size=50, seed=0)
+    plan = training_module.epochs_that_fit(time.time() + 120, model, config, data, batch_size=50, seed=0)
+    epochs, epoch_s = plan.epochs, plan.epoch_s
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
     # Real epochs of the same model on the same data (augmented training, then validation).

@@ -279,11 +279,18 @@ def no_trial_message(frame, run_dir):
             "or the smoke profile")
 
 
-def _record_stage(run_dir, stage, seconds):
-    """Adds a stage's wall time to `timings.json` (read by the report)."""
+def _record_stage(run_dir, stage, seconds, plan=None):
+    """Adds a stage's wall time to `timings.json` (read by the report).
+
+    Args:
+        plan: How the stage fitted its work to the job's deadline (the retrain's
+            `EpochPlan` as a dict), recorded as `<stage>_plan`.
+    """
     path = Path(run_dir) / "timings.json"
     timings = json.loads(path.read_text()) if path.exists() else {}
     timings[stage] = round(timings.get(stage, 0) + seconds, 1)
+    if plan:
+        timings[f"{stage}_plan"] = plan
     atomic.write_json(path, timings)
 
 
@@ -338,8 +345,8 @@ def retrain(run_dir, overrides=None, deadline=None, source=None):
     if deadline is None and settings.job_time_budget_s:
         deadline = started + settings.job_time_budget_s
     cache = feature_cache(settings, run_dir)
-    retrain_best(run_dir, settings, dataset, data, feature_cache=cache, deadline=deadline, log=log)
-    _record_stage(run_dir, "retrain", time.time() - started)
+    metrics = retrain_best(run_dir, settings, dataset, data, feature_cache=cache, deadline=deadline, log=log)
+    _record_stage(run_dir, "retrain", time.time() - started, plan=metrics.get("phase2", {}).get("plan"))
     return 0
 
 

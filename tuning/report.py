@@ -97,7 +97,11 @@ def write_report(run_dir, log=print):
                       f"{tta['val_accuracy_plain']:.4f} plain, {tta['val_accuracy_flip']:.4f} flip-averaged.", ""]
         lines += export_section(metrics, settings)
     if timings:
-        lines += ["## Wall time", "", markdown_table(pd.DataFrame([timings]), list(timings)), ""]
+        stages = {k: v for k, v in timings.items() if not k.endswith("_plan")}
+        lines += ["## Wall time", "", markdown_table(pd.DataFrame([stages]), list(stages)), ""]
+        if "retrain_plan" in timings:
+            lines += [f"Phase 2 was fitted to the job's deadline on this machine: {timings['retrain_plan']['reasoning']}.",
+                      ""]
     lines += serving_section(run_dir, image_files)
     atomic.write_text(run_dir / "report.md", "\n".join(lines))
     log(f"report: {run_dir / 'report.md'}")

@@ -99,15 +99,16 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         plan = {}
         if epochs_ is None:  # phase 2 fitted to the job's deadline
             finish_by = deadline - FINISH_RESERVE_S
-            epochs_, epoch_s = epochs_that_fit(finish_by, model, phase_config, data, settings.batch_size,
-                                               settings.seed, **regularisation)
-            plan = {"planned_epochs": epochs_, "planned_epoch_s": round(epoch_s, 1),
-                    "planned_seconds": round(finish_by - time.time(), 1)}
-            callbacks.append(StopAtDeadline(finish_by, first_epoch_s=epoch_s))
+            fitted = epochs_that_fit(finish_by, model, phase_config, data, settings.batch_size, settings.seed,
+                                     **regularisation)
+            epochs_ = fitted.epochs
+            plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": FINISH_RESERVE_S}}
+            callbacks.append(StopAtDeadline(finish_by, first_epoch_s=fitted.epoch_s))
             # The schedule decays over exactly these epochs: run them all (augmented
             # validation accuracy dips early on), keep the best.
             patience = epochs_
-            log(f"  phase2: {epoch_s:.0f} s per epoch, {epochs_} epochs fit before the job's deadline")
+            log(f"  phase2 plan, timed on this machine: {fitted.reasoning()} before the job's deadline "
+                f"(less {FINISH_RESERVE_S} s for test and export)")
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True,
         ))
