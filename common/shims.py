@@ -34,8 +34,12 @@ The shims:
    weights (`common.atomic.write_arrays`), not Keras' `.weights.h5`; it replaces
    `Tuner._get_checkpoint_fname`, the checkpoint load in `Hyperband._build_hypermodel`
    (through `Tuner._build_hypermodel`) and `Tuner.load_model`.
+10. `InterruptibleCallbackCopyMixin`: `Tuner._deepcopy_callbacks` copies the callbacks
+   at each trial's start inside a bare `except:`, so a Ctrl-C landing there became a
+   `FatalValueError` (exit 1 with a traceback, not the CLI's "interrupted", exit 130).
 """
 
+import copy
 import os
 
 import keras
@@ -188,3 +192,20 @@ class NumpyCheckpointsMixin:
     def _load_checkpoint(self, model, trial_id):
         model.set_weights(atomic.read_arrays(self._get_checkpoint_fname(trial_id)))
         return model
+
+
+# 10.
+_require(kt.Tuner, "_deepcopy_callbacks")
+
+
+class InterruptibleCallbackCopyMixin:
+    """A Tuner mixin: copying a trial's callbacks fails like KerasTuner's for a callback
+    that cannot be copied, but lets KeyboardInterrupt and SystemExit through."""
+
+    def _deepcopy_callbacks(self, callbacks):
+        try:
+            return copy.deepcopy(callbacks)
+        except Exception as e:
+            raise kt.errors.FatalValueError(
+                f"All callbacks used during a search should be deep-copyable (they are reused across "
+                f"trials); `copy.deepcopy({callbacks})` failed: {e}") from e

@@ -450,8 +450,8 @@ def test_int8_top_is_left_alone_when_the_feature_budget_holds_less_than_a_batch(
 def test_predict_runs_every_artifact_with_the_same_output(job, tmp_path):
     run_dir, _ = job
     dataset = load_dataset()
-    np.save(tmp_path / "x.npy", dataset.x_test[:1000])
-    truth = dataset.y_test[:1000]
+    # The whole test split: the images the export scored each artifact on.
+    np.save(tmp_path / "x.npy", dataset.x_test)
     exports = json.loads((run_dir / "export" / "exports.json").read_text())
     predicted = {}
     for fmt in FORMATS:
@@ -471,6 +471,8 @@ def test_predict_runs_every_artifact_with_the_same_output(job, tmp_path):
     for fmt in ("tflite", "tflite-fp16"):
         np.testing.assert_array_equal(predicted[fmt][clear], predicted["savedmodel"][clear])
         assert np.mean(predicted[fmt] == predicted["savedmodel"]) >= 0.995, fmt
-    accuracy = {fmt: np.mean(p == truth) for fmt, p in predicted.items()}
-    allowed = max(exports["tflite-int8"]["drop_pp"], 0) / 100 + 0.015  # its measured drop, and 1000-image noise
-    assert accuracy["tflite-int8"] >= accuracy["savedmodel"] - allowed, (accuracy, exports["tflite-int8"])
+    # Each artifact, run by `predict`, scores what the export measured for it (int8
+    # included, with its own drop); 0.1 pp = 10 near ties the thread count may flip.
+    for fmt, classes in predicted.items():
+        accuracy = np.mean(classes == dataset.y_test)
+        assert abs(accuracy - exports[fmt]["test_accuracy"]) <= 0.001, (fmt, accuracy, exports[fmt])

@@ -431,3 +431,47 @@ def test_numpy_checkpoints_hold_the_best_epoch_and_the_next_hyperband_round_star
     _, expected = min(hypermodel.epochs[tuner._get_checkpoint_fname(best.trial_id)], key=lambda e: e[0])
     for got, want in zip(loaded.get_weights(), expected, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+# 10. InterruptibleCallbackCopyMixin -------------------------------------------------------
+
+
+class CopyRaises(keras.callbacks.Callback):
+    """A callback whose copy, made at each trial's start, raises `error`."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def __deepcopy__(self, memo):
+        raise self.error
+
+
+class InterruptibleRandomSearch(shims.InterruptibleCallbackCopyMixin, kt.RandomSearch):
+    pass
+
+
+def search_tiny_with(tuner, callback):
+    x, y = tiny_data()
+    tuner.search(x, y, validation_data=tiny_data(16, seed=1), epochs=1, batch_size=16, verbose=0,
+                 callbacks=[callback])
+
+
+def test_a_ctrl_c_while_keras_tuner_copies_the_callbacks_becomes_a_fatal_error(tmp_path):
+    # Why the mixin exists: when this fails, KerasTuner lets KeyboardInterrupt through itself.
+    tuner = kt.RandomSearch(TinyHyperModel(), objective="val_loss", max_trials=1, directory=str(tmp_path),
+                            project_name="p")
+    with pytest.raises(kt.errors.FatalValueError):
+        search_tiny_with(tuner, CopyRaises(KeyboardInterrupt()))
+
+
+def test_with_the_mixin_a_ctrl_c_is_an_interrupt_and_an_uncopyable_callback_still_a_fatal_error(tmp_path):
+    tuner = InterruptibleRandomSearch(TinyHyperModel(), objective="val_loss", max_trials=1,
+                                      directory=str(tmp_path / "a"), project_name="p")
+    with pytest.raises(KeyboardInterrupt):
+        search_tiny_with(tuner, CopyRaises(KeyboardInterrupt()))
+
+    tuner = InterruptibleRandomSearch(TinyHyperModel(), objective="val_loss", max_trials=1,
+                                      directory=str(tmp_path / "b"), project_name="p")
+    with pytest.raises(kt.errors.FatalValueError, match="deep-copyable.*no copies here"):
+        search_tiny_with(tuner, CopyRaises(TypeError("no copies here")))

@@ -200,7 +200,8 @@ class BayesianOptimizationOracle(BudgetedOracleMixin, kt.oracles.BayesianOptimiz
     pass
 
 
-class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin, kt.Tuner):
+class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin,
+                    shims.InterruptibleCallbackCopyMixin, kt.Tuner):
     """A KerasTuner `Tuner` that records each trial and keeps the leaderboard current.
 
     Args:
