@@ -7,13 +7,14 @@ Cases:
 - head_only: MobileNetV2 α0.5 at 96 px, ImageNet weights, unfrozen_blocks = 0.
 - resnet50: ResNet50 at 224 px, random weights, head only, on a small subset.
 - partial: MobileNetV2 α0.5 at 96 px, unfrozen_blocks = 3 (the cache holds the cut below).
-- smoke_search: a whole `--profile smoke` search with and without the cache (wall time).
+- smoke_search: a whole `--profile smoke` search with and without the cache (wall time),
+  alternating, `--smoke-runs` of each; the medians are compared.
 
 Epoch times are steady-state (the first epoch of each run, which pays tracing and, for
 the cache, the one-time feature computation, is reported separately). The last line is
 JSON: {"speedup_head_only", "speedup_partial", "speedup_resnet50_224", "accuracy_delta_pp",
-"smoke_search_speedup" (the command's wall time), "smoke_search_stage_speedup" (its search
-stage), ...}.
+"smoke_search_speedup" (the command's median wall time), "smoke_search_stage_speedup" (its
+search stage), ...}.
 """
 
 import argparse
@@ -115,6 +116,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per comparison (accuracy delta averaged)")
+    parser.add_argument("--smoke-runs", type=int, default=3, help="smoke searches of each kind (medians compared)")
     args = parser.parse_args()
     dataset = load_dataset()
     n_train, n_val = (2000, 1000) if args.quick else (6000, 3000)
@@ -135,7 +137,13 @@ def main():
     resnet = dict(mobilenet, backbone="resnet50", resolution=224)
     results["speedup_resnet50_224"], *_ = compare(
         "resnet50_224", TrialConfig(unfrozen_blocks=0, **resnet), small, epochs=2, weights="none")
-    (without, without_stage), (with_cache, with_stage) = smoke_search("--no-feature-cache"), smoke_search("--feature-cache")
+    runs = {"--no-feature-cache": [], "--feature-cache": []}
+    for _ in range(args.smoke_runs):  # alternating, so a machine that drifts affects both alike
+        for flag, times in runs.items():
+            times.append(smoke_search(flag))
+    (without, without_stage), (with_cache, with_stage) = (np.median(runs[flag], axis=0) for flag in runs)
+    results["smoke_search_s_each"] = {"without_cache": [round(w, 1) for w, _ in runs["--no-feature-cache"]],
+                                      "with_cache": [round(w, 1) for w, _ in runs["--feature-cache"]]}
     results["smoke_search_s"] = {"without_cache": round(without, 1), "with_cache": round(with_cache, 1)}
     results["smoke_search_speedup"] = round(without / with_cache, 2)
     results["smoke_search_stage_s"] = {"without_cache": round(without_stage, 1), "with_cache": round(with_stage, 1)}

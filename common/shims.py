@@ -37,6 +37,9 @@ The shims:
 10. `InterruptibleCallbackCopyMixin`: `Tuner._deepcopy_callbacks` copies the callbacks
    at each trial's start inside a bare `except:`, so a Ctrl-C landing there became a
    `FatalValueError` (exit 1 with a traceback, not the CLI's "interrupted", exit 130).
+11. `learning_rate_schedule`: a Keras optimizer keeps the schedule it was given in
+   `_learning_rate` (its public `learning_rate` is the current value); a time-fitted
+   run moves the end of its schedule's decay while it trains (`FitToDeadline`).
 """
 
 import copy
@@ -209,3 +212,13 @@ class InterruptibleCallbackCopyMixin:
             raise kt.errors.FatalValueError(
                 f"All callbacks used during a search should be deep-copyable (they are reused across "
                 f"trials); `copy.deepcopy({callbacks})` failed: {e}") from e
+
+
+# 11.
+_require(keras.optimizers.Optimizer, "_get_current_learning_rate")
+
+
+def learning_rate_schedule(optimizer):
+    """The `LearningRateSchedule` `optimizer` was given, or None for a fixed rate."""
+    schedule = getattr(optimizer, "_learning_rate", None)
+    return schedule if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) else None

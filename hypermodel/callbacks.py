@@ -6,7 +6,7 @@ import time
 import keras
 import keras_tuner as kt
 
-from common import atomic
+from common import atomic, shims
 
 
 class FailOnNaN(keras.callbacks.Callback):
@@ -18,35 +18,65 @@ class FailOnNaN(keras.callbacks.Callback):
             raise kt.errors.FailedTrialError(f"loss became {loss} at batch {batch}: training diverged")
 
 
-class StopAtDeadline(keras.callbacks.Callback):
-    """Stops training when another epoch as long as the last one would end past `deadline`.
+class FitToDeadline(keras.callbacks.Callback):
+    """Ends a time-fitted run by `deadline`, with its learning-rate decay ending too.
 
-    The safety net of a time-fitted run (`epochs_that_fit` plans the epochs; a machine
-    that slows down mid-run still ends on time, one epoch short).
+    `epochs_that_fit` plans the epochs from a few timed steps; whole epochs can run
+    slower (10-20 % on 2-core machines: the input pipeline and validation compete for the
+    cores, a shared machine slows down), and a deadline that cuts the last planned
+    epochs leaves a cosine decay unfinished. After each epoch this estimates the epochs
+    that fit from the epochs measured so far, stops before one would end past the
+    deadline, and moves the end of the schedule's decay (`WarmupSchedule.end_at`) to the
+    last epoch that fits, never past the planned ones.
 
     Args:
         deadline: A `time.time()`.
-        first_epoch_s: The planned seconds per epoch, used after the first epoch instead of
-            its own time, which also traces the graphs (on a slow machine tracing can take
-            longer than several short epochs).
+        planned_epoch_s: The plan's seconds per epoch, the estimate until an epoch after
+            the first is measured (the first also traces the graphs: on a slow machine
+            that can take longer than several short epochs).
+        log: Where a changed estimate is reported.
+
+    Attributes:
+        revisions: {"after_epoch", "epoch_s", "epochs"} for each change of the epochs
+            that fit.
     """
 
-    def __init__(self, deadline, first_epoch_s=None):
+    def __init__(self, deadline, planned_epoch_s=None, log=print):
         super().__init__()
         self.deadline = deadline
-        self.first_epoch_s = first_epoch_s
+        self.planned_epoch_s = planned_epoch_s
+        self.log = log
+        self.revisions = []
         self.epoch_started = None
+
+    def on_train_begin(self, logs=None):
+        self.steady_s = []
+        self.epochs = self.params["epochs"]
+        self.schedule = shims.learning_rate_schedule(self.model.optimizer)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.time()
-        next_epoch_s = now - self.epoch_started
-        if epoch == 0 and self.first_epoch_s is not None:
-            next_epoch_s = self.first_epoch_s
-        if now + next_epoch_s > self.deadline:
+        took = now - self.epoch_started
+        if epoch > 0 or self.planned_epoch_s is None:
+            self.steady_s.append(took)
+        # The slower of the mean and the last epoch: steady, yet quick to see a slow-down.
+        epoch_s = max(sum(self.steady_s) / len(self.steady_s), self.steady_s[-1]) if self.steady_s \
+            else self.planned_epoch_s
+        # Never more than an earlier estimate: a decay moved out again would rise again.
+        fit = min(self.epochs, epoch + 1 + int(max(0.0, self.deadline - now) // epoch_s))
+        if fit <= epoch + 1:
             self.model.stop_training = True
+        if fit == self.epochs:
+            return
+        self.epochs = fit
+        self.revisions.append({"after_epoch": epoch + 1, "epoch_s": round(epoch_s, 1), "epochs": fit})
+        if hasattr(self.schedule, "end_at") and fit > epoch + 1:
+            self.schedule.end_at(fit * self.params["steps"])
+        self.log(f"  epochs take {epoch_s:.0f} s: {fit} epochs fit before the deadline"
+                 + (", the learning rate's decay now ends with them" if hasattr(self.schedule, "end_at") else ""))
 
 
 class StepTimer(keras.callbacks.Callback):

@@ -15,7 +15,8 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     Args:
         initial_learning_rate: The peak rate, reached at the end of warmup.
         kind: One of LR_SCHEDULES.
-        total_steps: Steps (batches) the schedule spans.
+        total_steps: Steps (batches) the schedule spans; `end_at` moves its end while
+            a fit runs.
         warmup_steps: Steps of linear warmup from ~0 to the peak.
     """
 
@@ -26,11 +27,19 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.kind = kind
         self.total_steps = max(1, int(total_steps))
         self.warmup_steps = max(0, min(int(warmup_steps), self.total_steps - 1))
+        # A variable, not a number: the traced train step reads it at every step, so
+        # `end_at` takes effect in a fit that is already running.
+        self._end = keras.Variable(float(self.total_steps), trainable=False, name="schedule_end")
+
+    def end_at(self, total_steps):
+        """Moves the end of the decay to step `total_steps` (never into the warmup)."""
+        self.total_steps = max(self.warmup_steps + 1, int(total_steps))
+        self._end.assign(float(self.total_steps))
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
         peak = self.initial_learning_rate
-        decay_steps = float(self.total_steps - self.warmup_steps)
+        decay_steps = self._end - float(self.warmup_steps)
         progress = ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
         if self.kind == "constant":
             rate = peak * ops.ones_like(progress)

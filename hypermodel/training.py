@@ -60,14 +60,14 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
         ema_momentum: If set, the optimizer also keeps an exponential moving average of
             the weights (per step); fit with `keras.callbacks.SwapEMAWeights` to use it.
     """
-    schedule = WarmupSchedule(
-        learning_rate or config.learning_rate,
-        config.lr_schedule,
-        total_steps=steps_per_epoch * max(1, epochs),
-        warmup_steps=steps_per_epoch * config.warmup_epochs,
-    )
-    # The optimizer's variables must live under the strategy the model was built in.
+    # The optimizer's variables (and the schedule's) must live under the strategy the model was built in.
     with model.distribute_strategy.scope():
+        schedule = WarmupSchedule(
+            learning_rate or config.learning_rate,
+            config.lr_schedule,
+            total_steps=steps_per_epoch * max(1, epochs),
+            warmup_steps=steps_per_epoch * config.warmup_epochs,
+        )
         ema = dict(use_ema=True, ema_momentum=ema_momentum) if ema_momentum else {}
         if config.optimizer == "adamw":
             optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4, **ema)

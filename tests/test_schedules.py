@@ -81,3 +81,16 @@ def test_schedule_survives_a_config_round_trip():
     again = WarmupSchedule.from_config(schedule.get_config())
     steps = [0, 5, 10, 60, 110]
     np.testing.assert_allclose([float(again(s)) for s in steps], [float(schedule(s)) for s in steps], rtol=1e-7)
+
+
+def test_end_at_moves_the_end_of_the_decay_and_keeps_the_warmup():
+    schedule = WarmupSchedule(PEAK, "cosine", total_steps=TOTAL, warmup_steps=WARMUP)
+    schedule.end_at(60)  # the decay now spans steps 10..60
+    warm, mid, end, after = (float(schedule(step)) for step in (5, 35, 60, 110))
+    assert warm == pytest.approx(6e-4, rel=1e-5)  # step 5 of the warmup: 6 / 10 of the peak, as before
+    assert mid == pytest.approx(5e-4, rel=1e-4)  # half way through the shorter decay
+    assert end == pytest.approx(0.0, abs=1e-9)
+    assert after == pytest.approx(0.0, abs=1e-9)
+    assert schedule.get_config()["total_steps"] == 60  # a saved model records the decay it ran
+    schedule.end_at(3)  # never inside the warmup: the decay keeps at least one step
+    assert float(schedule(WARMUP)) == pytest.approx(1e-3, rel=1e-5)

@@ -475,3 +475,14 @@ def test_with_the_mixin_a_ctrl_c_is_an_interrupt_and_an_uncopyable_callback_stil
                                       directory=str(tmp_path / "b"), project_name="p")
     with pytest.raises(kt.errors.FatalValueError, match="deep-copyable.*no copies here"):
         search_tiny_with(tuner, CopyRaises(TypeError("no copies here")))
+
+
+def test_learning_rate_schedule_is_the_one_the_optimizer_was_given_and_none_for_a_fixed_rate():
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=100)
+    optimizer = keras.optimizers.Adam(schedule)
+    assert shims.learning_rate_schedule(optimizer) is schedule
+    assert shims.learning_rate_schedule(keras.optimizers.Adam(1e-3)) is None
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    model.fit(*tiny_data(), epochs=1, batch_size=8, verbose=0)  # compiling and training keep it
+    assert shims.learning_rate_schedule(model.optimizer) is schedule

@@ -13,10 +13,10 @@ from common.shims import SaveBestEpoch
 from data_pipeline import load_dataset
 from data_pipeline.feature_cache import FeatureCache
 from data_pipeline.splits import TrainingData
-from hypermodel.callbacks import StopAtDeadline
+from hypermodel.callbacks import FitToDeadline
 from hypermodel.model import PREFIX_NAME, ReusedBackbones, build_transfer_model
 from hypermodel.space import TrialConfig
-from hypermodel.training import train
+from hypermodel.training import compile_for_training, train
 
 
 def config(unfrozen_blocks=2, learning_rate=3e-3):
@@ -182,9 +182,37 @@ def test_the_deadline_judges_the_next_epoch_by_the_plan_not_by_the_traced_first_
     model.fit(x, y, epochs=1, verbose=0)  # traces the step, which a slow machine would count in the first epoch
     deadline = time.time() + 2.5
     history = model.fit(x, y, epochs=1000, verbose=0,
-                        callbacks=[StopAtDeadline(deadline, first_epoch_s=planned_epoch_s), SlowFirstEpoch()])
+                        callbacks=[FitToDeadline(deadline, planned_epoch_s=planned_epoch_s), SlowFirstEpoch()])
     assert time.time() <= deadline + 0.5
     if expected == "one epoch":  # the slow first epoch alone says another would overrun
         assert len(history.epoch) == 1
     else:  # the plan's steady epochs keep it training until the deadline
         assert len(history.epoch) > 3
+
+
+class SlowEpochs(keras.callbacks.Callback):
+    """Each epoch takes half a second: slower than the plan below says, as real epochs
+    run slower than a few timed steps."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        time.sleep(0.5)
+
+
+def test_epochs_slower_than_planned_still_end_by_the_deadline_with_the_decay_finished():
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    cosine = TrialConfig("mobilenet_v2_0.35", 32, 0, "avg", 64, 0.0, 1e-2, "cosine", 0, "adam", "none")
+    planned_epochs = 12
+    compile_for_training(model, cosine, steps_per_epoch=2, epochs=planned_epochs)
+    deadline = time.time() + 3.0
+    lines = []
+    fit_to_deadline = FitToDeadline(deadline, planned_epoch_s=0.15, log=lines.append)  # the plan: 0.15 s an epoch
+    history = model.fit(x, y, batch_size=32, epochs=planned_epochs, verbose=0, shuffle=False,
+                        callbacks=[SlowEpochs(), fit_to_deadline])
+    assert time.time() <= deadline + 0.3
+    assert 2 <= len(history.epoch) < planned_epochs
+    # The decay ended with the last epoch that ran, not at the planned twelfth.
+    assert float(model.optimizer.learning_rate) <= 0.02 * 1e-2
+    assert fit_to_deadline.revisions[-1]["epochs"] == len(history.epoch)
+    assert any("epochs fit before the deadline" in line for line in lines)

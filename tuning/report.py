@@ -100,8 +100,12 @@ def write_report(run_dir, log=print):
         stages = {k: v for k, v in timings.items() if not k.endswith("_plan")}
         lines += ["## Wall time", "", markdown_table(pd.DataFrame([stages]), list(stages)), ""]
         if "retrain_plan" in timings:
-            lines += [f"Phase 2 was fitted to the job's deadline on this machine: {timings['retrain_plan']['reasoning']}.",
-                      ""]
+            plan = timings["retrain_plan"]
+            lines += [f"Phase 2 was fitted to the job's deadline on this machine: {plan['reasoning']}."]
+            for revision in plan.get("revisions", []):
+                lines += [f"After epoch {revision['after_epoch']}, epochs took {revision['epoch_s']:.0f} s: "
+                          f"{revision['epochs']} epochs fit, and the learning rate's decay was fitted to them."]
+            lines += [""]
     lines += serving_section(run_dir, image_files)
     atomic.write_text(run_dir / "report.md", "\n".join(lines))
     log(f"report: {run_dir / 'report.md'}")

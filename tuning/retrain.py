@@ -24,7 +24,7 @@ from common import atomic
 from common.errors import DataError, UsageError, UserError
 from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
-from hypermodel.callbacks import EpochProgress, StopAtDeadline
+from hypermodel.callbacks import EpochProgress, FitToDeadline
 from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
 from hypermodel.space import config_from_values
 from hypermodel.training import epochs_that_fit, train
@@ -103,7 +103,8 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
                                      **regularisation)
             epochs_ = fitted.epochs
             plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": FINISH_RESERVE_S}}
-            callbacks.append(StopAtDeadline(finish_by, first_epoch_s=fitted.epoch_s))
+            fit_to_deadline = FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=log)
+            callbacks.append(fit_to_deadline)
             # The schedule decays over exactly these epochs: run them all (augmented
             # validation accuracy dips early on), keep the best.
             patience = epochs_
@@ -123,6 +124,8 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
                 f"retraining trial {best['trial_id']} diverged in {phase} ({e}): rerun the search with a "
                 "lower learning-rate range, or retrain another trial by editing best_hparams.json"
             ) from None
+        if plan:
+            plan["plan"]["revisions"] = fit_to_deadline.revisions
         histories[phase] = {
             "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
             "best_val_accuracy": float(max(history.history["val_accuracy"])),
