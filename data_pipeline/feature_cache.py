@@ -49,7 +49,7 @@ class FeatureCache:
         return count * int(np.prod(prefix.output.shape[1:])) * BYTES_PER_VALUE
 
     def features(self, prefix, images, source, resolution, preprocess_input, data_key, batch_size=128,
-                 companions=list):
+                 companions=list, fingerprints=None):
         """The prefix's float16 output for `images`, computed at most once per key.
 
         Args:
@@ -64,8 +64,12 @@ class FeatureCache:
                 trials may ask for); called only when this key has to be built: those
                 not cached yet are built in the same pass while their features fit in
                 half the budget (one trace, the layers they share computed once).
+            fingerprints: A dict to share the weights' fingerprints (by variable) with
+                other calls made while the weights cannot change, such as one trial's
+                train and validation features; else shared within this call only.
         """
-        key = self.key(prefix, source, resolution, data_key)
+        fingerprints = {} if fingerprints is None else fingerprints
+        key = self.key(prefix, source, resolution, data_key, fingerprints)
         digest = _digest(key)
         if digest in self._memory:
             self._memory.move_to_end(digest)
@@ -78,7 +82,7 @@ class FeatureCache:
                 array = self._load(digest, key, len(images))
                 if array is None:
                     group = [(prefix, key)] + self._missing(
-                        (prefix, key), [(c, self.key(c, source, resolution, data_key)) for c in companions()],
+                        (prefix, key), [(c, self.key(c, source, resolution, data_key, fingerprints)) for c in companions()],
                         len(images))
                     arrays = _predict(self._pass_function(group), images, resolution, preprocess_input, batch_size)
                     for (_, member_key), member_array in zip(group, arrays):
@@ -122,11 +126,11 @@ class FeatureCache:
         return self._last_pass[1]
 
     @staticmethod
-    def key(prefix, source, resolution, data_key):
-        """Everything the cached activations depend on."""
+    def key(prefix, source, resolution, data_key, fingerprints=None):
+        """Everything the cached activations depend on (`fingerprints`: as in `features`)."""
         return {
             "backbone": source,
-            "weights": _fingerprint(prefix),
+            "weights": _fingerprint(prefix, {} if fingerprints is None else fingerprints),
             "resolution": resolution,
             "cut": prefix.layers[-1].name,
             "shape": list(prefix.output.shape[1:]),
@@ -202,10 +206,17 @@ def _sha(array):
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _fingerprint(model):
-    """A cheap identity of a model's weights: a hash of a sample of every variable."""
+def _fingerprint(model, samples):
+    """A cheap identity of a model's weights: a hash of a sample of every variable.
+
+    Args:
+        samples: {id(variable): its sample}, filled here; reading a variable is most of
+            the cost, and the prefixes of one backbone share theirs.
+    """
     h = hashlib.sha256()
     for w in model.weights:
-        value = np.asarray(w.numpy()).ravel()
-        h.update(value[:: max(1, value.size // 64)].tobytes())
+        if id(w) not in samples:
+            value = np.asarray(w.numpy()).ravel()
+            samples[id(w)] = value[:: max(1, value.size // 64)].tobytes()
+        h.update(samples[id(w)])
     return h.hexdigest()[:16]

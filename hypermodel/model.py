@@ -76,7 +76,7 @@ class ReusedBackbones:
     """
 
     def __init__(self):
-        self._built = {}  # key → (backbone model, its weights as first built)
+        self._built = {}  # key → (backbone model, {id(variable): its value as first built})
 
     def get(self, backbone, resolution, weights, seconds=None):
         """`backbone.build(resolution, weights, seconds)`, or the same model again, as built."""
@@ -84,11 +84,14 @@ class ReusedBackbones:
         key = (backbone.name, resolution, weights, keras.config.dtype_policy().name, tf.distribute.get_strategy())
         if key not in self._built:
             base = backbone.build(resolution, weights, seconds)
-            self._built[key] = (base, base.get_weights())
+            self._built[key] = (base, {id(v): value for v, value in zip(base.weights, base.get_weights())})
             return base
         base, first_weights = self._built[key]
         started = time.perf_counter()
-        base.set_weights(first_weights)
+        # Only what the last trial trained can differ from the first weights, and its layers
+        # are still the trainable ones; the rest (BatchNorm statistics too) stayed frozen.
+        for variable in base.trainable_weights:
+            variable.assign(first_weights[id(variable)])
         if seconds is not None:
             seconds["weights"] = seconds.get("weights", 0.0) + time.perf_counter() - started
         return base

@@ -184,11 +184,13 @@ def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, 
     prefix, top = model.get_layer(PREFIX_NAME), model.get_layer(TOP_NAME)
     backbone = get_backbone(config.backbone)
 
+    fingerprints = {}  # the prefix is frozen: its fingerprint holds for both splits
+
     def features(images, split):
         return feature_cache.features(
             prefix, images, source=config.backbone, resolution=config.resolution,
             preprocess_input=backbone.preprocess_input, data_key=f"{data.key}/{split}",
-            companions=lambda: prefixes_for(model, backbone, cache_cuts),
+            companions=lambda: prefixes_for(model, backbone, cache_cuts), fingerprints=fingerprints,
         )
 
     started = time.perf_counter()
