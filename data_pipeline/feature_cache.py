@@ -81,9 +81,8 @@ class FeatureCache:
             with atomic.exclusive(self._path(digest).with_suffix(".lock")) if self.directory else nullcontext():
                 array = self._load(digest, key, len(images))
                 if array is None:
-                    group = [(prefix, key)] + self._missing(
-                        (prefix, key), [(c, self.key(c, source, resolution, data_key, fingerprints)) for c in companions()],
-                        len(images))
+                    others = [(c, self.key(c, source, resolution, data_key, fingerprints)) for c in companions()]
+                    group = [(prefix, key)] + self._missing((prefix, key), others, len(images))
                     arrays = _predict(self._pass_function(group), images, resolution, preprocess_input, batch_size)
                     for (_, member_key), member_array in zip(group, arrays):
                         self._save(_digest(member_key), member_key, member_array)

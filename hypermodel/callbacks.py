@@ -22,8 +22,8 @@ class FitToDeadline(keras.callbacks.Callback):
     """Ends a time-fitted run by `deadline`, with its learning-rate decay ending too.
 
     `epochs_that_fit` plans the epochs from a few timed steps; whole epochs can run
-    slower (10-20 % on 2-core machines: the input pipeline and validation compete for the
-    cores, a shared machine slows down), and a deadline that cuts the last planned
+    slower (6-35 % on a 2-core machine: the input pipeline and validation compete for the
+    cores, a shared machine's speed drifts), and a deadline that cuts the last planned
     epochs leaves a cosine decay unfinished. After each epoch this estimates the epochs
     that fit from the epochs measured so far, stops before one would end past the
     deadline, and moves the end of the schedule's decay (`WarmupSchedule.end_at`) to the
