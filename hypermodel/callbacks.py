@@ -73,10 +73,11 @@ class FitToDeadline(keras.callbacks.Callback):
             return
         self.epochs = fit
         self.revisions.append({"after_epoch": epoch + 1, "epoch_s": round(epoch_s, 1), "epochs": fit})
-        if hasattr(self.schedule, "end_at") and fit > epoch + 1:
+        movable = hasattr(self.schedule, "end_at")
+        if movable:
             self.schedule.end_at(fit * self.params["steps"])
         self.log(f"  epochs take {epoch_s:.0f} s: {fit} epochs fit before the deadline"
-                 + (", the learning rate's decay now ends with them" if hasattr(self.schedule, "end_at") else ""))
+                 + (", the learning rate's decay now ends with them" if movable else ""))
 
 
 class StepTimer(keras.callbacks.Callback):
