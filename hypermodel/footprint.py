@@ -2,7 +2,7 @@
 
 `--max-latency-ms` and `--max-model-mb` reject a trial whose model is too slow or too
 big for where it will run: the search then spends no training time on it. Latency is
-one image through the whole model (batch 1, compiled with `tf.function`) on this CPU;
+one image through the whole model (batch 1, its traced `InferencePass`) on this CPU;
 size is the float32 weights. Neither depends on what is fine-tuned or how. Latency is
 measured once per backbone, resolution and pooling: the dense head's share (under
 0.4 ms at 1 024 units) is inside the measurement's own spread (1.9-3.5 ms for one
@@ -15,6 +15,9 @@ import time
 import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
+
+from hypermodel.backbones import get_backbone
+from hypermodel.model import InferencePass
 
 LATENCY_CALLS = 30
 LATENCY_WARMUP = 5
@@ -77,17 +80,16 @@ def model_mb(model):
     return model.count_params() * 4 / 2**20
 
 
-def measure_latency_ms(model, resolution, calls=LATENCY_CALLS, warmup=LATENCY_WARMUP):
-    """The median milliseconds of one image through `model` (taking [batch, resolution,
-    resolution, 3] floats)."""
-    forward = tf.function(lambda x: model(x, training=False))
+def measure_latency_ms(predict, resolution, calls=LATENCY_CALLS, warmup=LATENCY_WARMUP):
+    """The median milliseconds of one image through `predict` (a traced function of
+    [batch, resolution, resolution, 3] floats, such as `InferencePass.predictions`)."""
     image = tf.constant(np.random.default_rng(0).uniform(-1, 1, (1, resolution, resolution, 3)), tf.float32)
     for _ in range(warmup):
-        forward(image)
+        predict(image)
     times = []
     for _ in range(calls):
         start = time.perf_counter()
-        forward(image).numpy()
+        predict(image).numpy()
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1000)
 
@@ -105,11 +107,16 @@ class FootprintChecker:
         self.latencies_ms = {}  # by `latency_key`
         self.measured = {}  # by `architecture_key`
 
-    def check(self, model, config):
-        """The trial's `Footprint`; raises `TrialRejected` when it breaks a limit."""
+    def check(self, model, config, inference=None):
+        """The trial's `Footprint`; raises `TrialRejected` when it breaks a limit.
+
+        Args:
+            inference: `model`'s `InferencePass`, to time (else one is traced here).
+        """
         key = latency_key(config)
         if key not in self.latencies_ms:
-            self.latencies_ms[key] = measure_latency_ms(model, config.resolution)
+            inference = inference or InferencePass(model, get_backbone(config.backbone))
+            self.latencies_ms[key] = measure_latency_ms(inference.predictions, config.resolution)
         footprint = Footprint(self.latencies_ms[key], model_mb(model))
         self.measured[architecture_key(config)] = footprint
         problems = self.limits.violations(footprint)

@@ -9,7 +9,8 @@ import numpy as np
 
 from hypermodel import space
 from hypermodel.footprint import FootprintChecker, Limits
-from hypermodel.model import ReusedBackbones, build_transfer_model
+from hypermodel.backbones import get_backbone
+from hypermodel.model import InferencePass, ReusedBackbones, build_transfer_model
 from hypermodel.training import train
 
 
@@ -78,7 +79,10 @@ class TransferHyperModel(kt.HyperModel):
         config = space.declare(hp, self.choices)
         seconds = getattr(self, "seconds", {})
         started = time.perf_counter()
-        footprint = self.footprints.check(model, config)
+        # One traced inference pass: the footprint times it, the feature cache may run it.
+        cuts = (config.unfrozen_blocks, *self.choices.unfrozen_blocks)
+        inference = InferencePass(model, get_backbone(config.backbone), cuts)
+        footprint = self.footprints.check(model, config, inference)
         seconds["footprint"] = time.perf_counter() - started
         # Hyperband judges a round at its end; validating after each of its fractional
         # epochs would cost a third as much as training them.
@@ -95,7 +99,7 @@ class TransferHyperModel(kt.HyperModel):
             model, config, data, batch_size=self.batch_size, seed=self.seed, epochs=epochs,
             initial_epoch=initial_epoch, callbacks=callbacks, feature_cache=self.feature_cache,
             verbose=verbose, seconds=seconds, epoch_fraction=self.epoch_fraction, validate_once=validate_once,
-            cache_cuts=self.choices.unfrozen_blocks,
+            cache_cuts=self.choices.unfrozen_blocks, inference=inference,
         )
         scores = history.history.get("val_accuracy") or [0.0]
         history.epochs_run = epochs - initial_epoch if validate_once else len(history.epoch)

@@ -9,6 +9,7 @@ output for an image never changes, which is what lets the feature cache
 without recomputing the prefix every epoch.
 """
 
+import functools
 import time
 import types
 
@@ -141,6 +142,55 @@ def prefixes_for(model, backbone, unfrozen_choices):
     cuts = sorted({cut_layer(ends, u) for u in unfrozen_choices}, key=ends.index)
     # Layer.output is the output in the backbone's own graph, the one `prefix.input` starts.
     return [keras.Model(prefix.input, layers[cut].output, name=PREFIX_NAME) for cut in cuts]
+
+
+class InferencePass:
+    """A model's inference, traced once for any batch size: its predictions, and its
+    frozen prefix's activations at the cuts the search can ask for.
+
+    The footprint times it on one image and, when its cuts reach the backbone's output
+    (the pass then computes nothing a prefix-only pass would not), the feature cache
+    runs it over the data: one trace, about a second for a MobileNetV2, serves both.
+    Nothing is built or traced until first used.
+
+    Args:
+        model: A model from `build_transfer_model`.
+        backbone: Its `Backbone`.
+        unfrozen_choices: `unfrozen_blocks` values whose cuts it returns.
+
+    Attributes:
+        reaches_backbone_output: Whether one of the cuts is the backbone's output.
+    """
+
+    def __init__(self, model, backbone, unfrozen_choices=()):
+        self.model, self.backbone, self.unfrozen_choices = model, backbone, tuple(unfrozen_choices)
+        self.reaches_backbone_output = 0 in self.unfrozen_choices
+
+    @functools.cached_property
+    def prefixes(self):
+        """The prefix models of the cuts, bottom cut first."""
+        return prefixes_for(self.model, self.backbone, self.unfrozen_choices)
+
+    @functools.cached_property
+    def _function(self):
+        whole = prefixes_for(self.model, self.backbone, (0,))[0]  # the backbone, to its output
+        # The top's head (the chain after its blocks) on the backbone's output: the model's
+        # own function, since the cut is exact, with each layer computed once.
+        predictions = whole.output
+        for layer in self.model.get_layer(TOP_NAME).layers[1:]:
+            if layer.name != SUFFIX_NAME:
+                predictions = layer(predictions)
+        graph = keras.Model(whole.input, [predictions] + [prefix.output for prefix in self.prefixes])
+        return tf.function(lambda images: graph(images, training=False), autograph=False,
+                           input_signature=[tf.TensorSpec((None, *graph.input.shape[1:]), tf.float32)])
+
+    def predictions(self, images):
+        """The model's output for a batch of preprocessed images."""
+        return self._function(images)[0]
+
+    def activations(self, images):
+        """{cut layer name: the prefix's activations} for a batch of preprocessed images."""
+        return {prefix.layers[-1].name: a for prefix, a in zip(self.prefixes, self._function(images)[1:])}
 
 
 def set_unfrozen_blocks_trainable(model, trainable):

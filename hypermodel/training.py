@@ -80,7 +80,7 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
 
 def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,
           callbacks=(), feature_cache=None, verbose=0, seconds=None, epoch_fraction=1.0, validate_once=False,
-          cache_cuts=(), label_smoothing=0.0, ema_momentum=None):
+          cache_cuts=(), label_smoothing=0.0, ema_momentum=None, inference=None):
     """Compiles and fits `model` on `data`, on cached prefix features when possible.
 
     Args:
@@ -102,6 +102,8 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
             features are built in the same pass when this trial's must be built.
         label_smoothing, ema_momentum: As in `compile_for_training`; with `ema_momentum`,
             validation, callbacks and the fitted model see the averaged weights.
+        inference: `model`'s `InferencePass` over `cache_cuts` (the footprint's), which
+            builds the features when it reaches the backbone's output.
 
     Returns:
         (History, how it trained: "cached" or "end-to-end[: reason]").
@@ -127,7 +129,7 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         reason = why_not_cached(model, config, data, feature_cache)
         if reason is None:
             return fit_on_features(model, config, data, batch_size, seed, schedule, callbacks,
-                                   feature_cache, seconds, stream_from, cache_cuts, **fit), "cached"
+                                   feature_cache, seconds, stream_from, cache_cuts, inference, **fit), "cached"
         mode = f"end-to-end: {reason}"
     compile_for_training(model, config, **schedule)
     preprocess_input = get_backbone(config.backbone).preprocess_input
@@ -173,7 +175,7 @@ def why_not_cached(model, config, data, feature_cache):
 
 
 def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, feature_cache, seconds,
-                    stream_from, cache_cuts, **fit):
+                    stream_from, cache_cuts, inference, **fit):
     """Trains `model`'s trainable top on the frozen prefix's cached activations.
 
     `schedule` holds `compile_for_training`'s arguments but the model and config.
@@ -185,12 +187,15 @@ def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, 
     backbone = get_backbone(config.backbone)
 
     fingerprints = {}  # the prefix is frozen: its fingerprint holds for both splits
+    # A pass that runs the whole backbone anyway computes the cuts at no extra cost.
+    shared = inference is not None and inference.reaches_backbone_output
 
     def features(images, split):
         return feature_cache.features(
             prefix, images, source=config.backbone, resolution=config.resolution,
             preprocess_input=backbone.preprocess_input, data_key=f"{data.key}/{split}",
-            companions=lambda: prefixes_for(model, backbone, cache_cuts), fingerprints=fingerprints,
+            companions=lambda: inference.prefixes if shared else prefixes_for(model, backbone, cache_cuts),
+            fingerprints=fingerprints, run_pass=inference.activations if shared else None,
         )
 
     started = time.perf_counter()

@@ -142,6 +142,38 @@ def test_latency_is_measured_once_per_backbone_and_resolution_and_size_is_each_m
     assert found[1].model_mb - found[0].model_mb == pytest.approx(extra_weights * 4 / 2**20)
 
 
+def test_a_trial_times_and_caches_with_one_traced_pass_when_its_search_has_head_only_trials(data, monkeypatch,
+                                                                                              tmp_path):
+    """The footprint's pass runs the whole backbone anyway, so it also computes the cuts:
+    the cache traces no pass of its own, and the latency is the model's."""
+    from hypermodel import footprint
+    from hypermodel.hypermodel import TransferHyperModel
+    from hypermodel.space import SearchChoices
+
+    def no_own_pass(self, group):
+        raise AssertionError("the feature cache traced a pass of its own")
+
+    monkeypatch.setattr(FeatureCache, "_pass_function", no_own_pass)
+    timed = []
+    measure = footprint.measure_latency_ms
+    monkeypatch.setattr(footprint, "measure_latency_ms", lambda predict, *a: timed.append(predict) or measure(predict, *a))
+    choices = SearchChoices(backbones=("mobilenet_v2_0.35",), resolutions=(32,), unfrozen_blocks=(0, 2),
+                            dense_units=(64, 64), learning_rate=(3e-3, 3e-3), lr_schedules=("constant",))
+    cache = FeatureCache(tmp_path, log=lambda m: None)
+    hypermodel = TransferHyperModel(choices, 10, batch_size=32, feature_cache=cache)
+    hp = kt.HyperParameters()
+    hypermodel.declare_hyperparameters(hp)
+    model = hypermodel.build(hp)
+    history = hypermodel.fit(hp, model, data, epochs=1)
+    assert history.fit_mode == "cached" and cache.builds == 2  # train and validation, one pass each
+    assert len(list(tmp_path.glob("*.npy"))) == 2 * 2  # with the other cut's features
+    (predict,) = timed
+    inference = predict.__self__
+    assert inference._function.experimental_get_tracing_count() == 1
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(predict(images), model(images, training=False), atol=1e-5)
+
+
 @pytest.mark.parametrize("fraction, validations", [(0.3, 1), (1.0, 2)])
 def test_a_hyperband_round_of_part_passes_is_validated_once_at_its_end(data, fraction, validations):
     """Hyperband judges a round when it ends: a round of part-pass epochs is scored once;
