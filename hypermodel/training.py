@@ -23,9 +23,11 @@ from hypermodel.model import PREFIX_NAME, SUFFIX_NAME, TOP_NAME, prefixes_for, s
 from hypermodel.schedules import WarmupSchedule
 
 
-# A cached head's step is milliseconds, so Keras' per-step cost would dominate; a top with
-# backbone blocks takes tens of ms a step, and a multi-step loop costs more to trace than it saves.
+# A cached head's step is milliseconds, so Keras' per-step cost would dominate a long fit;
+# the multi-step loop costs ~0.2 s more to trace, which a fit under ~250 steps never earns
+# back (a smoke trial: 32-64). A top with backbone blocks takes tens of ms a step: never.
 CACHED_HEAD_STEPS_PER_EXECUTION = 32
+MULTI_STEP_MIN_STEPS = 256
 
 
 @keras.saving.register_keras_serializable(package="transfer_tuner")
@@ -203,8 +205,10 @@ def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, 
     if seconds is not None:
         seconds["features"] = seconds.get("features", 0.0) + time.perf_counter() - started
     head_only = not any(layer.name == SUFFIX_NAME for layer in top.layers)
+    steps_per_epoch = fit.get("steps_per_epoch", math.ceil(len(data.x_train) / batch_size))
+    multi_step = head_only and steps_per_epoch * (fit["epochs"] - fit["initial_epoch"]) >= MULTI_STEP_MIN_STEPS
     compile_for_training(top, config, **schedule,
-                         steps_per_execution=CACHED_HEAD_STEPS_PER_EXECUTION if head_only else 1)
+                         steps_per_execution=CACHED_HEAD_STEPS_PER_EXECUTION if multi_step else 1)
     callbacks = [cb.bind(model) if isinstance(cb, AtomicCheckpoint) else cb for cb in callbacks]
     train_batches = feature_batches(train_features, data.y_train, batch_size, seed, stream_from)
     build_before_tracing(top, train_batches)

@@ -14,7 +14,7 @@ from data_pipeline import load_dataset
 from data_pipeline.feature_cache import FeatureCache
 from data_pipeline.splits import TrainingData
 from hypermodel.callbacks import FitToDeadline
-from hypermodel.model import PREFIX_NAME, ReusedBackbones, build_transfer_model
+from hypermodel.model import PREFIX_NAME, TOP_NAME, ReusedBackbones, build_transfer_model
 from hypermodel.space import TrialConfig
 from hypermodel.training import compile_for_training, train
 
@@ -172,6 +172,18 @@ def test_a_trial_times_and_caches_with_one_traced_pass_when_its_search_has_head_
     assert inference._function.experimental_get_tracing_count() == 1
     images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(predict(images), model(images, training=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size, epochs, steps_per_execution", [(64, 2, 1), (8, 7, 32)])
+def test_a_cached_head_runs_many_steps_per_execution_only_in_a_long_fit(data, batch_size, epochs,
+                                                                        steps_per_execution):
+    """10 steps do not earn back the multi-step loop's longer trace; 280 do."""
+    cfg = config(unfrozen_blocks=0)
+    model = build_transfer_model(cfg, 10)
+    _, mode = train(model, cfg, data, batch_size=batch_size, seed=0, epochs=epochs,
+                    feature_cache=FeatureCache(None, log=lambda m: None))
+    assert mode == "cached"
+    assert model.get_layer(TOP_NAME).steps_per_execution == steps_per_execution
 
 
 @pytest.mark.parametrize("fraction, validations", [(0.3, 1), (1.0, 2)])
