@@ -14,7 +14,6 @@ activations: it never compiles or fits a model.
 
 import collections
 import hashlib
-import io
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -170,9 +169,8 @@ class FeatureCache:
     def _save(self, digest, key, array):
         if self.directory is None:
             return
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        atomic.write_bytes(self._path(digest), buffer.getvalue())
+        with atomic.open_for_replace(self._path(digest)) as f:  # no in-memory copy of the array
+            np.save(f, array, allow_pickle=False)
         atomic.write_json(self._path(digest).with_suffix(".json"), {"key": key, "sha256": _sha(array)})
 
 
