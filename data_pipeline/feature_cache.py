@@ -209,7 +209,7 @@ def _digest(key):
 
 
 def _sha(array):
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array)).hexdigest()  # hashes the buffer: no copy
 
 
 def _fingerprint(model, samples):
