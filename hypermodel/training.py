@@ -78,6 +78,9 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
         loss = SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
         model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
                       steps_per_execution=steps_per_execution)
+        # Built here, not by the first step's trace: variables created inside a
+        # `tf.function` are lifted out one by one (1.3 s of a 17-block top's 8 s trace).
+        model.optimizer.build(model.trainable_variables)
 
 
 def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,

@@ -125,6 +125,27 @@ def test_a_reused_backbone_starts_each_trial_as_if_freshly_built(data):
             == [(w.path if w.path.startswith("block_") else "head", tuple(w.shape)) for w in fresh.trainable_weights]
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_trials_on_a_reused_backbone_trace_their_unfrozen_blocks_once(data, cached):
+    """Trials cutting the same blocks call one traced forward pass (training and
+    validation alike, MobileNetV2's blocks having no dropout), and train exactly the
+    weights a model built without reuse trains."""
+    from hypermodel.model import SUFFIX_NAME
+
+    backbones, blocks = ReusedBackbones(), []
+    trials = [config(unfrozen_blocks=5), dataclasses.replace(config(unfrozen_blocks=5), dense_units=128)]
+    for trial in trials:
+        reused, fresh = build_transfer_model(trial, 10, backbones=backbones), build_transfer_model(trial, 10)
+        blocks.append(reused.get_layer(TOP_NAME).get_layer(SUFFIX_NAME))
+        for model in (reused, fresh):
+            train(model, trial, data, batch_size=32, seed=0, epochs=1,
+                  feature_cache=FeatureCache(None, log=lambda m: None) if cached else None)
+        for got, expected in zip(reused.get_weights(), fresh.get_weights(), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert blocks[1] is blocks[0]
+    assert [f.experimental_get_tracing_count() for f in blocks[0]._functions.values()] == [1]
+
+
 def test_latency_is_measured_once_per_backbone_and_resolution_and_size_is_each_models(monkeypatch):
     """Two heads on one backbone: one latency measurement, and sizes that differ by exactly
     the wider head's extra weights."""
