@@ -19,7 +19,6 @@ search stage), ...}.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common.tensorflow_env  # noqa: E402,F401  (before TensorFlow: its oneDNN kernels on every x86 CPU)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

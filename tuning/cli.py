@@ -4,12 +4,11 @@ Known user errors print one line and exit 2. Options may stand before or after t
 command name; an option the command does not take is refused, never ignored.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++ logs: CUDA probing, oneDNN notes
+import common.tensorflow_env  # noqa: F401  (before anything imports TensorFlow)
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
