@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from common.shims import SaveBestEpoch, build_before_tracing
+from common.shims import FusedAdamStepMixin, SaveBestEpoch, build_before_tracing
 from data_pipeline.feature_cache import feature_batches
 from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
@@ -53,6 +53,16 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
+@keras.saving.register_keras_serializable(package="transfer_tuner")
+class FusedAdam(FusedAdamStepMixin, keras.optimizers.Adam):
+    """Keras' Adam, each variable updated by TensorFlow's fused kernel (traces faster)."""
+
+
+@keras.saving.register_keras_serializable(package="transfer_tuner")
+class FusedAdamW(FusedAdamStepMixin, keras.optimizers.AdamW):
+    """Keras' AdamW, each variable updated by TensorFlow's fused kernel (traces faster)."""
+
+
 def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=None, steps_per_execution=1,
                          label_smoothing=0.0, ema_momentum=None):
     """Compiles with the trial's optimizer and warmup + decay schedule over `epochs`.
@@ -71,16 +81,14 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
             warmup_steps=steps_per_epoch * config.warmup_epochs,
         )
         ema = dict(use_ema=True, ema_momentum=ema_momentum) if ema_momentum else {}
+        fused = model.distribute_strategy.num_replicas_in_sync == 1  # the fused kernel is per device
         if config.optimizer == "adamw":
-            optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4, **ema)
+            optimizer = (FusedAdamW if fused else keras.optimizers.AdamW)(schedule, weight_decay=1e-4, **ema)
         else:
-            optimizer = keras.optimizers.Adam(schedule, **ema)
+            optimizer = (FusedAdam if fused else keras.optimizers.Adam)(schedule, **ema)
         loss = SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
         model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
                       steps_per_execution=steps_per_execution)
-        # Built here, not by the first step's trace: variables created inside a
-        # `tf.function` are lifted out one by one (1.3 s of a 17-block top's 8 s trace).
-        model.optimizer.build(model.trainable_variables)
 
 
 def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,
