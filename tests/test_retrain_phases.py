@@ -171,13 +171,15 @@ def test_phase2_fills_the_time_left_before_the_job_deadline(searched, monkeypatc
     phases = []
     monkeypatch.setattr(retrain_module, "train", recording_train(phases, retrain_module.train))
     data = search_data(dataset, settings)
-    finish_by = time.time() + 30  # phase 2's own deadline; the job's adds the reserve for test and export
+    # Phase 2's own deadline; the job's adds the reserve for test and export. Phase 1 took
+    # 25 s of it late in a full test run on a 2-core AVX2-only machine.
+    finish_by = time.time() + 40
     metrics = retrain_module.retrain(run_dir, settings, dataset, data,
                                      deadline=finish_by + retrain_module.FINISH_RESERVE_S, log=lambda m: None)
     assert len(phases) == 2
     phase2 = phases[1]
     window = finish_by - phase2["started"]
-    assert window > 5, "phase 1 took the whole window: the test's 30 s are too short for this machine"
+    assert window > 5, "phase 1 took the whole window: the test's 40 s are too short for this machine"
     assert phase2["ended"] <= finish_by + 3  # on time (the last epoch of 400 images at 32 px takes ~1 s)
     assert phase2["ended"] - phase2["started"] >= window / 3  # and it used the time it had
     assert metrics["phase2"]["epochs"] >= 3  # several epochs fit in ~20 s at this size
