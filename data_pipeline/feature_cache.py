@@ -182,6 +182,7 @@ def feature_batches(features, labels, batch_size, shuffle_seed=None, stream_from
     features = tf.constant(features)
     labels = tf.constant(np.asarray(labels, dtype=np.int32))
 
+    @tf.autograph.experimental.do_not_convert
     def gather(indices):
         return tf.cast(tf.gather(features, indices), tf.float32), tf.gather(labels, indices)
 

@@ -118,6 +118,8 @@ def make_dataset(
     if augmentation not in AUGMENTATIONS:
         raise UsageError(f"augmentation {augmentation!r} is not one of {AUGMENTATIONS}")
 
+    # Static Python only (no branch on a tensor): autograph would spend a quarter second converting it.
+    @tf.autograph.experimental.do_not_convert
     def transform(x, *y):
         x = tf.cast(x, tf.float32)
         if x.shape.rank == 3:
@@ -180,6 +182,7 @@ def indexed_batches(images, labels, batch_size, shuffle_seed=None, stream_from=N
         x = np.asarray(take(indices), dtype=np.uint8)
         return (x,) if labels is None else (x, labels[indices].astype(np.int32))
 
+    @tf.autograph.experimental.do_not_convert
     def load(indices):
         out = tf.numpy_function(gather, [indices], (tf.uint8,) if labels is None else (tf.uint8, tf.int32))
         out[0].set_shape([None, *images.shape[1:]])
