@@ -11,6 +11,7 @@ from PIL import Image
 
 from cli import assert_user_error, run_cli
 from data_pipeline import load_dataset
+from tuning import runtimes
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +348,15 @@ def litert_accuracy(path, images, labels):
         interpreter.invoke()
         predicted.append(interpreter.get_tensor(output["index"]).argmax(axis=1))
     return float(np.mean(np.concatenate(predicted) == labels))
+
+
+def test_a_latency_process_that_cannot_load_its_artifact_fails_the_measurement_with_its_error(tmp_path):
+    (tmp_path / "not_a_model.tflite").write_bytes(b"not a flatbuffer")
+    broken = ([str(tmp_path / "not_a_model.tflite")], np.zeros((28, 28), np.uint8), 1)
+    absent = ([str(tmp_path / "absent.tflite")], np.zeros((28, 28), np.uint8), 2)
+    with pytest.raises(RuntimeError, match="latency measurement failed") as failure:
+        runtimes.time_in_fresh_processes([broken, absent])
+    assert "not_a_model.tflite" in str(failure.value) and "not a valid .tflite model" in str(failure.value)
 
 
 def test_every_format_is_exported_and_scored_by_its_own_runtime(job):

@@ -302,16 +302,17 @@ def score_artifacts(paths, dataset, keras_accuracy, settings, log=print):
             "sha256": _sha256(paths[fmt]), "size_kb": round(_size_bytes(paths[fmt]) / 1024, 1),
             "test_accuracy": accuracy, "drop_pp": drop,
         }
-    threads = {"1_thread": 1, "all_threads": os.cpu_count()}
-    for label, count in threads.items():
-        # One fresh process per thread count; each artifact gets the input it takes.
-        for kind in {a.input_kind for a in artifacts.values()}:
-            chosen = [fmt for fmt, a in artifacts.items() if a.input_kind == kind]
-            timed = runtimes.time_in_fresh_process([paths[f] for f in chosen], one[kind][0], count)
-            for fmt in chosen:
-                p50, p95 = timed[str(paths[fmt])]
-                records[fmt][f"latency_ms_p50_{label}"] = round(p50, 3)
-                records[fmt][f"latency_ms_p95_{label}"] = round(p95, 3)
+    # One fresh process per thread count and input kind; each artifact gets the input it takes.
+    jobs = [(label, count, [fmt for fmt, a in artifacts.items() if a.input_kind == kind], kind)
+            for label, count in {"1_thread": 1, "all_threads": os.cpu_count()}.items()
+            for kind in sorted({a.input_kind for a in artifacts.values()})]
+    timings = runtimes.time_in_fresh_processes([([paths[f] for f in chosen], one[kind][0], count)
+                                                for _, count, chosen, kind in jobs])
+    for (label, _, chosen, _), timed in zip(jobs, timings):
+        for fmt in chosen:
+            p50, p95 = timed[str(paths[fmt])]
+            records[fmt][f"latency_ms_p50_{label}"] = round(p50, 3)
+            records[fmt][f"latency_ms_p95_{label}"] = round(p95, 3)
     for fmt, record in records.items():
         record["latency_ms_p50"] = record["latency_ms_p50_all_threads"]
         record["latency_ms_p95"] = record["latency_ms_p95_all_threads"]

@@ -11,8 +11,9 @@ Inputs, by `input_kind`:
 Class names come with the artifact: the SavedModel returns them, a `.tflite` file has
 `labels.txt` beside it (the usual LiteRT convention).
 
-Run as `python -m tuning.runtimes --threads N ARTIFACT...` to time artifacts in a fresh
-process with N threads (TensorFlow fixes its thread pools at start-up).
+Run as `python -m tuning.runtimes --threads N --input X.npy ARTIFACT...` to time artifacts
+in a fresh process with N threads (TensorFlow fixes its thread pools at start-up): it
+loads them, prints "ready", and times them once a line arrives on its stdin.
 """
 
 import argparse
@@ -31,6 +32,7 @@ LABELS_FILE = "labels.txt"
 TFLITE_BATCH = 64
 LATENCY_CALLS = 200
 LATENCY_WARMUP = 20
+READY = "ready"  # a latency process's line once loaded
 
 
 class Artifact:
@@ -176,27 +178,81 @@ def single_image_latency(artifact, one_input, calls=LATENCY_CALLS, warmup=LATENC
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
-def time_in_fresh_process(paths, one_input, threads):
-    """{path: (p50, p95)} for each artifact, timed by a new process using `threads` threads.
+class LatencyProcess:
+    """A fresh process that loads `paths` with `threads` threads, then times each of them
+    on one input when told to (`time_in_fresh_processes` starts several at once).
 
     Args:
-        one_input: One input of the artifacts' `input_kind` (all must take the same kind).
+        paths: Artifacts taking the same kind of input.
+        one_input: One input of that kind.
+        threads: The process's CPU threads (TensorFlow fixes its pools at start-up).
+        folder: Where the input and the process's stderr are kept.
     """
-    import subprocess
-    import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        sample = Path(tmp) / "input.npy"
+    def __init__(self, paths, one_input, threads, folder):
+        import subprocess
+
+        sample = Path(folder) / f"input_{id(self)}.npy"
         np.save(sample, np.array([one_input], dtype=object if isinstance(one_input, bytes) else None),
                 allow_pickle=isinstance(one_input, bytes))
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        result = subprocess.run(
-            [sys.executable, "-m", "tuning.runtimes", "--threads", str(threads), "--input", str(sample), *map(str, paths)],
-            capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], check=False,
+        self._stderr = open(Path(folder) / f"stderr_{id(self)}.txt", "w+")  # a file: a full pipe would block it
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tuning.runtimes", "--threads", str(threads), "--input", str(sample),
+             *map(str, paths)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), cwd=Path(__file__).resolve().parents[1],
         )
-    if result.returncode != 0:
-        raise RuntimeError(f"latency measurement failed:\n{result.stderr[-3000:]}")
-    return {path: tuple(value) for path, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+    def wait_until_ready(self):
+        for line in self._process.stdout:
+            if line.strip() == READY:
+                return
+        self._fail()  # it ended before it was ready
+
+    def time(self):
+        """{path: (p50, p95)}, timed now (nothing else should be running)."""
+        try:
+            self._process.stdin.write("go\n")
+            self._process.stdin.close()
+        except BrokenPipeError:
+            self._fail()
+        out = self._process.stdout.read()
+        if self._process.wait() != 0 or not out.strip():
+            self._fail()
+        self._stderr.close()
+        return {path: tuple(value) for path, value in json.loads(out.strip().splitlines()[-1]).items()}
+
+    def stop(self):
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._stderr.close()
+
+    def _fail(self):
+        self._process.kill()
+        self._process.wait()
+        self._stderr.seek(0)
+        raise RuntimeError(f"latency measurement failed:\n{self._stderr.read()[-3000:]}")
+
+
+def time_in_fresh_processes(jobs):
+    """[{path: (p50, p95)}] for each (paths, one_input, threads) job, each timed by its own
+    fresh process.
+
+    The processes start together, so their start-ups (importing TensorFlow, loading the
+    artifacts: seconds each) overlap; then they time one at a time, the others idle.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        processes = [LatencyProcess(*job, folder) for job in jobs]
+        try:
+            for process in processes:
+                process.wait_until_ready()
+            return [process.time() for process in processes]
+        finally:
+            for process in processes:
+                process.stop()
 
 
 def main(argv=None):
@@ -205,16 +261,18 @@ def main(argv=None):
     parser.add_argument("--input", required=True, help=".npy holding a batch of one input")
     parser.add_argument("artifacts", nargs="+")
     args = parser.parse_args(argv)
-    import tensorflow as tf
+    if any(Path(path).suffix != ".tflite" for path in args.artifacts):  # LiteRT alone needs no TensorFlow
+        import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     raw = np.load(args.input, allow_pickle=True)
-    timings = {}
-    for path in args.artifacts:
-        artifact = load(path, threads=args.threads)
-        timings[path] = single_image_latency(artifact, raw)
-    print(json.dumps(timings))
+    artifacts = {path: load(path, threads=args.threads) for path in args.artifacts}
+    for artifact in artifacts.values():
+        artifact.probabilities(raw)  # traces or allocates now, not while timed
+    print(READY, flush=True)
+    sys.stdin.readline()  # "go": the other processes are idle
+    print(json.dumps({path: single_image_latency(artifact, raw) for path, artifact in artifacts.items()}))
 
 
 if __name__ == "__main__":
