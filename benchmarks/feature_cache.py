@@ -2,6 +2,7 @@
 
     python benchmarks/feature_cache.py            # all cases, 8 seeds each (~15 min on 2 cores)
     python benchmarks/feature_cache.py --quick    # smaller subsets
+    python benchmarks/feature_cache.py --cases smoke_search --smoke-runs 5   # some cases only
 
 Cases:
 - head_only: MobileNetV2 α0.5 at 96 px, ImageNet weights, unfrozen_blocks = 0.
@@ -110,12 +111,19 @@ def smoke_search(cache_flag):
         return wall, json.loads(Path(f"{tmp}/run/timings.json").read_text())["search"]
 
 
+CASES = ("head_only", "partial", "resnet50_224", "smoke_search")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per comparison (accuracy delta averaged)")
     parser.add_argument("--smoke-runs", type=int, default=3, help="smoke searches of each kind (medians compared)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     args = parser.parse_args()
+    cases = args.cases.split(",")
+    if set(cases) - set(CASES):
+        parser.error(f"--cases {args.cases!r}: each must be one of {', '.join(CASES)}")
     dataset = load_dataset()
     n_train, n_val = (2000, 1000) if args.quick else (6000, 3000)
     data = subset(dataset, {"train_subset": n_train, "val_subset": n_val})
@@ -124,30 +132,42 @@ def main():
                      augmentation="none")
     seeds = range(args.seeds)
     results = {}
-    (results["speedup_head_only"], results["accuracy_delta_pp"], results["accuracy_delta_pp_per_seed"],
-     results["accuracy_delta_pp_stderr"]) = compare(
-        "head_only", TrialConfig(unfrozen_blocks=0, **mobilenet), data, epochs=3, weights="imagenet", seeds=seeds)
-    (results["speedup_partial"], results["accuracy_delta_pp_partial"],
-     results["accuracy_delta_pp_partial_per_seed"], results["accuracy_delta_pp_partial_stderr"]) = compare(
-        "partial", TrialConfig(unfrozen_blocks=3, **mobilenet), data, epochs=3, weights="imagenet", seeds=seeds)
-    small = TrainingData(data.x_train[:300], data.y_train[:300], data.x_val[:100], data.y_val[:100],
-                         data.num_classes, key=data.key + "-small")
-    resnet = dict(mobilenet, backbone="resnet50", resolution=224)
-    results["speedup_resnet50_224"], *_ = compare(
-        "resnet50_224", TrialConfig(unfrozen_blocks=0, **resnet), small, epochs=2, weights="none")
+    if "head_only" in cases:
+        (results["speedup_head_only"], results["accuracy_delta_pp"], results["accuracy_delta_pp_per_seed"],
+         results["accuracy_delta_pp_stderr"]) = compare(
+            "head_only", TrialConfig(unfrozen_blocks=0, **mobilenet), data, epochs=3, weights="imagenet", seeds=seeds)
+    if "partial" in cases:
+        (results["speedup_partial"], results["accuracy_delta_pp_partial"],
+         results["accuracy_delta_pp_partial_per_seed"], results["accuracy_delta_pp_partial_stderr"]) = compare(
+            "partial", TrialConfig(unfrozen_blocks=3, **mobilenet), data, epochs=3, weights="imagenet", seeds=seeds)
+    if "resnet50_224" in cases:
+        small = TrainingData(data.x_train[:300], data.y_train[:300], data.x_val[:100], data.y_val[:100],
+                             data.num_classes, key=data.key + "-small")
+        resnet = dict(mobilenet, backbone="resnet50", resolution=224)
+        results["speedup_resnet50_224"], *_ = compare(
+            "resnet50_224", TrialConfig(unfrozen_blocks=0, **resnet), small, epochs=2, weights="none")
+    if "smoke_search" in cases:
+        results.update(compare_smoke_searches(args.smoke_runs))
+    results = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
+    print(json.dumps({**results, "cpu": cpu_description()}))
+
+
+def compare_smoke_searches(count):
+    """`count` smoke searches with and without the cache, alternating (a machine that
+    drifts affects both alike); their medians compared."""
     runs = {"--no-feature-cache": [], "--feature-cache": []}
-    for _ in range(args.smoke_runs):  # alternating, so a machine that drifts affects both alike
+    for _ in range(count):
         for flag, times in runs.items():
             times.append(smoke_search(flag))
     (without, without_stage), (with_cache, with_stage) = (np.median(runs[flag], axis=0) for flag in runs)
-    results["smoke_search_s_each"] = {"without_cache": [round(w, 1) for w, _ in runs["--no-feature-cache"]],
-                                      "with_cache": [round(w, 1) for w, _ in runs["--feature-cache"]]}
-    results["smoke_search_s"] = {"without_cache": round(without, 1), "with_cache": round(with_cache, 1)}
-    results["smoke_search_speedup"] = round(without / with_cache, 2)
-    results["smoke_search_stage_s"] = {"without_cache": round(without_stage, 1), "with_cache": round(with_stage, 1)}
-    results["smoke_search_stage_speedup"] = round(without_stage / with_stage, 2)
-    results = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
-    print(json.dumps({**results, "cpu": cpu_description()}))
+    return {
+        "smoke_search_s_each": {"without_cache": [round(w, 1) for w, _ in runs["--no-feature-cache"]],
+                                "with_cache": [round(w, 1) for w, _ in runs["--feature-cache"]]},
+        "smoke_search_s": {"without_cache": round(without, 1), "with_cache": round(with_cache, 1)},
+        "smoke_search_speedup": round(without / with_cache, 2),
+        "smoke_search_stage_s": {"without_cache": round(without_stage, 1), "with_cache": round(with_stage, 1)},
+        "smoke_search_stage_speedup": round(without_stage / with_stage, 2),
+    }
 
 
 if __name__ == "__main__":
