@@ -303,13 +303,14 @@ def score_artifacts(paths, dataset, keras_accuracy, settings, log=print):
             "test_accuracy": accuracy, "drop_pp": drop,
         }
     # One fresh process per thread count and input kind; each artifact gets the input it takes.
-    jobs = [(label, count, [fmt for fmt, a in artifacts.items() if a.input_kind == kind], kind)
-            for label, count in {"1_thread": 1, "all_threads": os.cpu_count()}.items()
-            for kind in sorted({a.input_kind for a in artifacts.values()})]
-    timings = runtimes.time_in_fresh_processes([([paths[f] for f in chosen], one[kind][0], count)
-                                                for _, count, chosen, kind in jobs])
-    for (label, _, chosen, _), timed in zip(jobs, timings):
-        for fmt in chosen:
+    threads = {"1_thread": 1, "all_threads": os.cpu_count()}
+    kinds = {kind: [fmt for fmt, a in artifacts.items() if a.input_kind == kind]
+             for kind in sorted({a.input_kind for a in artifacts.values()})}
+    jobs = [(label, kind) for label in threads for kind in kinds]
+    timings = runtimes.time_in_fresh_processes([([paths[f] for f in kinds[kind]], one[kind][0], threads[label])
+                                                for label, kind in jobs])
+    for (label, kind), timed in zip(jobs, timings):
+        for fmt in kinds[kind]:
             p50, p95 = timed[str(paths[fmt])]
             records[fmt][f"latency_ms_p50_{label}"] = round(p50, 3)
             records[fmt][f"latency_ms_p95_{label}"] = round(p95, 3)

@@ -140,10 +140,11 @@ class TfliteArtifact(Artifact):
 
 def load(path, threads=None):
     """The artifact at `path`: a `.tflite` file, else a SavedModel directory."""
-    path = Path(path)
-    if path.suffix == ".tflite":
-        return TfliteArtifact(path, threads)
-    return SavedModelArtifact(path)
+    return TfliteArtifact(path, threads) if is_tflite(path) else SavedModelArtifact(path)
+
+
+def is_tflite(path):
+    return Path(path).suffix == ".tflite"
 
 
 def _read_labels(folder):
@@ -219,7 +220,6 @@ class LatencyProcess:
         out = self._process.stdout.read()
         if self._process.wait() != 0 or not out.strip():
             self._fail()
-        self._stderr.close()
         return {path: tuple(value) for path, value in json.loads(out.strip().splitlines()[-1]).items()}
 
     def stop(self):
@@ -261,7 +261,7 @@ def main(argv=None):
     parser.add_argument("--input", required=True, help=".npy holding a batch of one input")
     parser.add_argument("artifacts", nargs="+")
     args = parser.parse_args(argv)
-    if any(Path(path).suffix != ".tflite" for path in args.artifacts):  # LiteRT alone needs no TensorFlow
+    if not all(map(is_tflite, args.artifacts)):  # LiteRT alone needs no TensorFlow
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
