@@ -8,8 +8,11 @@ pixels. The rules, and why:
   transparent pixels are composited on white (the usual background of cut-out photos);
   palette images are expanded by the decoder.
 - Shape: the whole image is kept: scaled (antialiased bilinear) so its longer side
-  fits the storage size, then padded with black to a square. Cropping would cut off
-  what sits near the edges (a defect, a label) and stretching would distort shapes.
+  fits the storage size, then padded to a square. Cropping would cut off what sits near
+  the edges (a defect, a label) and stretching would distort shapes.
+- Padding: the mean colour of the image's own border, so an object on white stays on
+  white (black bars beside it would be edges the backbone never saw in ImageNet) and a
+  photo's bars take its edges' tone.
 """
 
 import tensorflow as tf
@@ -45,8 +48,18 @@ def decode_rgb(encoded):
 
 
 def fit_square(image, size):
-    """uint8 [h, w, 3] → uint8 [size, size, 3]: longer side scaled to `size`, black padding."""
-    x = tf.image.resize_with_pad(tf.cast(image, tf.float32), size, size, antialias=True)
+    """uint8 [h, w, 3] → uint8 [size, size, 3]: longer side scaled to `size`, the rest
+    padded with the mean colour of the image's border."""
+    x = tf.cast(image, tf.float32)
+    height, width = tf.shape(x)[0], tf.shape(x)[1]
+    scale = size / tf.cast(tf.maximum(height, width), tf.float32)
+    new_height = tf.maximum(1, tf.cast(tf.round(tf.cast(height, tf.float32) * scale), tf.int32))
+    new_width = tf.maximum(1, tf.cast(tf.round(tf.cast(width, tf.float32) * scale), tf.int32))
+    x = tf.image.resize(x, tf.stack([new_height, new_width]), antialias=True)
+    border = tf.reduce_mean(tf.concat([x[0], x[-1], x[:, 0], x[:, -1]], axis=0), axis=0)
+    top, left = (size - new_height) // 2, (size - new_width) // 2
+    x = tf.pad(x - border, [[top, size - new_height - top], [left, size - new_width - left], [0, 0]]) + border
+    x = tf.ensure_shape(x, [size, size, 3])
     return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8)
 
 

@@ -28,6 +28,44 @@ class TrainingData:
     key: str = ""
 
 
+# Validation must rank trials: a share of the data, but never so few images per class
+# that one image moves the score by points. Small sets give up more of their images.
+VALIDATION_FRACTION = 0.1
+VALIDATION_PER_CLASS = 25
+MOST_VALIDATION_FRACTION = 0.3
+
+
+def validation_fraction_for(class_counts):
+    """The share of each class to hold out for validation, and why.
+
+    A tenth, raised until validation holds `VALIDATION_PER_CLASS` images per class on
+    average, but never above `MOST_VALIDATION_FRACTION` of the training split.
+
+    Args:
+        class_counts: Training images per class.
+
+    Returns:
+        (fraction, reason).
+    """
+    total = sum(class_counts)
+    wanted = VALIDATION_PER_CLASS * len(class_counts)
+    fraction = min(MOST_VALIDATION_FRACTION, max(VALIDATION_FRACTION, wanted / total))
+    size = validation_size(class_counts, fraction)
+    why = (f"{size:,} of {total:,} training images" + (
+        "" if fraction == VALIDATION_FRACTION else
+        f": a tenth would leave {validation_size(class_counts, VALIDATION_FRACTION)} to rank the trials"))
+    return round(fraction, 4), why
+
+
+def validation_size(class_counts, fraction):
+    """How many images `split_train_validation` holds out for validation."""
+    return sum(_validation_take(n, fraction) for n in class_counts if n)
+
+
+def _validation_take(members, fraction):
+    return max(1, int(round(fraction * members)))
+
+
 def split_train_validation(labels, fraction=0.1, seed=0):
     """A stratified, seeded split of training indices into train and validation.
 
@@ -45,8 +83,7 @@ def split_train_validation(labels, fraction=0.1, seed=0):
     validation = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
-        take = max(1, int(round(fraction * len(members))))
-        validation.append(rng.permutation(members)[:take])
+        validation.append(rng.permutation(members)[:_validation_take(len(members), fraction)])
     validation = np.sort(np.concatenate(validation))
     train = np.setdiff1d(np.arange(len(labels)), validation)
     return train, validation
@@ -86,3 +123,29 @@ def _stratified_subset(labels, indices, size, seed):
     fraction = size / len(indices)
     _, keep = split_train_validation(labels[indices], fraction, seed)
     return indices[keep]
+
+
+# Classes this many times larger than others dominate an unweighted loss.
+IMBALANCE_RATIO = 3
+
+
+def imbalance(class_counts):
+    """The largest class's images over the smallest's (classes with none left out)."""
+    counts = [n for n in class_counts if n]
+    return max(counts) / min(counts)
+
+
+def class_weights(labels, num_classes, mode):
+    """Keras' `class_weight` for `mode`: "balanced" makes each class weigh as much in the
+    loss as any other (n / (K × n_class)); "none" gives None; "auto" is "balanced" where
+    the classes' sizes differ by `IMBALANCE_RATIO` or more."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes)
+    if mode == "auto":
+        mode = "balanced" if imbalance(counts) >= IMBALANCE_RATIO else "none"
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise UsageError(f"class weight mode {mode!r} is not one of auto, balanced, none")
+    present = counts > 0
+    weights = np.where(present, len(labels) / (present.sum() * np.maximum(counts, 1)), 0.0)
+    return {i: float(w) for i, w in enumerate(weights)}

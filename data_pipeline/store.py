@@ -107,7 +107,7 @@ def open_or_build(paths, checksum, size, directory, budget_mb, log=print):
         An `ImageStore`.
     """
     path = storage_path(directory, checksum, size)
-    meta = {"checksum": checksum, "size": size, "count": len(paths)}
+    meta = {"checksum": checksum, "size": size, "count": len(paths), "padding": "border colour"}
     if not _is_complete(path, meta):
         _build(paths, size, path, log)
         atomic.write_json(path.with_suffix(".json"), meta)

@@ -224,30 +224,48 @@ def _add(seconds, key, value):
 
 
 class EpochProgress(keras.callbacks.Callback):
-    """One line per epoch for long runs: accuracy, validation accuracy, time left.
+    """Epoch lines for long runs, at a readable rate: accuracy, validation accuracy, time left.
+
+    A short epoch (a small dataset's) would print thousands of lines: after the first,
+    a line is printed only when `every_s` seconds have passed since the last one, and the
+    last epoch run always gets its line.
 
     Args:
         label: What is training (e.g. "phase2"), printed first.
         log: Where the line goes.
         deadline: Optional `time.time()` the job must end by; the line then says how
             long is left to it.
+        every_s: Seconds between two lines at least.
     """
 
-    def __init__(self, label, log=print, deadline=None):
+    def __init__(self, label, log=print, deadline=None, every_s=10.0):
         super().__init__()
         self.label = label
         self.log = log
         self.deadline = deadline
+        self.every_s = every_s
         self.epoch_started = None
+        self.last_line_at = None
+        self.unprinted = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        epochs = self.params.get("epochs")
-        left = f", {max(0.0, self.deadline - time.time()) / 60:.1f} min left in the job" if self.deadline else ""
-        self.log(
-            f"  {self.label} epoch {epoch + 1}/{epochs}: accuracy {logs.get('accuracy', float('nan')):.4f}, "
-            f"val_accuracy {logs.get('val_accuracy', float('nan')):.4f} ({time.time() - self.epoch_started:.0f} s{left})"
-        )
+        now = time.time()
+        line = self._line(epoch, logs or {}, now)
+        if self.last_line_at is None or now - self.last_line_at >= self.every_s:
+            self.log(line)
+            self.last_line_at, self.unprinted = now, None
+        else:
+            self.unprinted = line
+
+    def on_train_end(self, logs=None):
+        if self.unprinted:
+            self.log(self.unprinted)
+
+    def _line(self, epoch, logs, now):
+        left = f", {max(0.0, self.deadline - now) / 60:.1f} min left in the job" if self.deadline else ""
+        return (f"  {self.label} epoch {epoch + 1}/{self.params.get('epochs')}: accuracy "
+                f"{logs.get('accuracy', float('nan')):.4f}, val_accuracy {logs.get('val_accuracy', float('nan')):.4f} "
+                f"({now - self.epoch_started:.0f} s{left})")

@@ -7,7 +7,9 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
+from data_pipeline.splits import class_weights
 from hypermodel import space
+from hypermodel.metrics import OBJECTIVES, monitored
 from hypermodel.footprint import FootprintChecker, Limits
 from hypermodel.backbones import get_backbone
 from hypermodel.model import InferencePass, ReusedBackbones, build_transfer_model
@@ -27,11 +29,15 @@ class TransferHyperModel(kt.HyperModel):
             before a trial stops.
         feature_cache: A `FeatureCache`, or None to always train end to end.
         limits: Deployment `Limits`: a trial whose model breaks one is rejected untrained.
-        epoch_fraction: The share of a pass one epoch (Hyperband's unit) trains on.
+        epoch_fraction: The passes one epoch (Hyperband's unit) trains on: a share of
+            a pass on large datasets, several passes on small ones.
+        class_weight: "balanced", "none" or "auto" (`data_pipeline.splits.class_weights`).
+        objective: What a trial is judged by (`hypermodel.metrics.OBJECTIVES`).
     """
 
     def __init__(self, choices, num_classes, weights="imagenet", batch_size=64, seed=0,
-                 early_stopping_patience=2, feature_cache=None, limits=Limits(), epoch_fraction=1.0):
+                 early_stopping_patience=2, feature_cache=None, limits=Limits(), epoch_fraction=1.0,
+                 class_weight="none", objective="accuracy"):
         super().__init__(name="transfer")
         self.choices = choices
         self.num_classes = num_classes
@@ -42,6 +48,8 @@ class TransferHyperModel(kt.HyperModel):
         self.feature_cache = feature_cache
         self.footprints = FootprintChecker(limits)
         self.epoch_fraction = epoch_fraction
+        self.class_weight = class_weight
+        self.monitor = monitored(objective)
         self.backbones = ReusedBackbones()  # trials run one at a time in a process
 
     def declare_hyperparameters(self, hp):
@@ -69,6 +77,7 @@ class TransferHyperModel(kt.HyperModel):
         Returns:
             The Keras `History`, with `fit_mode` ("cached" or "end-to-end[: reason]"),
             `epochs_run`, `best_epoch` (counted from the trial's first round),
+            `best_scores` (each objective's validation score at the best epoch),
             `train_seconds`, the model's `footprint` and `seconds` (where the trial's
             time went, see `training.train`; with "build", "weights", "footprint")
             added for the trial's record.
@@ -90,7 +99,7 @@ class TransferHyperModel(kt.HyperModel):
         if not validate_once:
             callbacks = list(callbacks) + [
                 keras.callbacks.EarlyStopping(
-                    monitor="val_accuracy", mode="max",
+                    monitor=self.monitor, mode="max",
                     patience=math.ceil(self.early_stopping_patience / self.epoch_fraction),
                 ),
             ]
@@ -100,10 +109,14 @@ class TransferHyperModel(kt.HyperModel):
             initial_epoch=initial_epoch, callbacks=callbacks, feature_cache=self.feature_cache,
             verbose=verbose, seconds=seconds, epoch_fraction=self.epoch_fraction, validate_once=validate_once,
             cache_cuts=self.choices.unfrozen_blocks, inference=inference,
+            class_weight=class_weights(data.y_train, data.num_classes, self.class_weight),
         )
-        scores = history.history.get("val_accuracy") or [0.0]
+        scores = history.history.get(self.monitor) or [0.0]
+        best = int(np.argmax(scores))
         history.epochs_run = epochs - initial_epoch if validate_once else len(history.epoch)
-        history.best_epoch = history.epoch[int(np.argmax(scores))] + 1
+        history.best_epoch = history.epoch[best] + 1
+        history.best_scores = {name: float(history.history[name][best]) for name in map(monitored, OBJECTIVES)
+                               if name in history.history}
         history.fit_mode = mode
         history.train_seconds = time.perf_counter() - started  # the trial's cost less building, measuring
         history.seconds = seconds

@@ -11,7 +11,18 @@ import dataclasses
 RESOLUTION_RANGE = (32, 299)  # input sides, in px, the space may search
 LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
 OPTIMIZERS = ("adam", "adamw")
-POOLINGS = ("avg", "flatten")
+
+# Every registry backbone downsamples its input 32×. Pretrained filters expect objects at
+# the scale of ImageNet's: below a 3×3 final feature map an object's parts no longer sit
+# apart (MobileNetV2 at 32 px ends 1×1 and tops out near 70 % on Fashion-MNIST).
+BACKBONE_STRIDE = 32
+MIN_FEATURE_MAP = 3
+SMALLEST_USEFUL_RESOLUTION = BACKBONE_STRIDE * MIN_FEATURE_MAP  # 96 px
+# Upsampling an image beyond twice its own size adds no detail, only cost.
+MOST_UPSAMPLING = 2
+# How deep to fine-tune, by the training images the final model learns from: few images
+# overfit many free weights, many images repay them.
+UNFROZEN_BLOCKS_BY_IMAGES = ((1_500, (0, 2, 5)), (15_000, (2, 5, 10)), (None, (10, 17)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +76,48 @@ class TrialConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def resolutions_for(image_side, train_images, ladder, pixel_budget, most=2):
+    """The input sizes worth searching for these images on this budget.
+
+    The lowest is the smallest giving a 3×3 final feature map, however small the images
+    (an 8 px digit is upsampled to the scale ImageNet objects had). Above it, a size is a
+    candidate while it adds detail (at most `MOST_UPSAMPLING` × the images' side) and one
+    pass over the training images at it stays within `pixel_budget`.
+
+    Args:
+        image_side: The images' typical longer side in px (the median).
+        train_images: Images in the training split.
+        ladder: The profile's candidate sizes, ascending.
+        pixel_budget: Pixels (images × side²) one pass may cost: the profile's compute.
+        most: Sizes to return at most: the smallest and the largest candidates.
+
+    Returns:
+        (resolutions, reason): ascending sizes, and why, in words.
+    """
+    floor = max(SMALLEST_USEFUL_RESOLUTION, min(ladder))
+    detail = MOST_UPSAMPLING * image_side
+    affordable = (pixel_budget / max(1, train_images)) ** 0.5
+    fits = [r for r in ladder if r <= detail and r <= affordable]
+    chosen = sorted({floor, *fits})
+    if len(chosen) > most:
+        chosen = [chosen[0], chosen[-1]] if most == 2 else chosen[:most]
+    limit = ("their detail" if detail <= affordable else "the compute budget")
+    reason = (f"{image_side:.0f} px images: {floor} px gives the backbone a "
+              f"{floor // BACKBONE_STRIDE}×{floor // BACKBONE_STRIDE} final feature map"
+              + (f"; {limit} allows up to {min(detail, affordable):.0f} px" if len(chosen) > 1 else
+                 f"; larger sizes exceed {limit} ({min(detail, affordable):.0f} px)"))
+    return tuple(chosen), reason
+
+
+def unfrozen_blocks_for(train_images):
+    """Depths of fine-tuning worth searching when the final model learns from `train_images`."""
+    for limit, depths in UNFROZEN_BLOCKS_BY_IMAGES:
+        if limit is None or train_images < limit:
+            bound = f"under {limit:,}" if limit else f"{UNFROZEN_BLOCKS_BY_IMAGES[-2][0]:,} or more"
+            return depths, f"the final model learns from {train_images:,} training images, {bound}"
+    raise AssertionError("the last entry has no limit")
 
 
 def _choice(hp, name, values):

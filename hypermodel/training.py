@@ -18,6 +18,7 @@ from common.shims import FusedAdamStepMixin, SaveBestEpoch, build_before_tracing
 from data_pipeline.feature_cache import feature_batches
 from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
+from hypermodel.metrics import compiled_metrics
 from hypermodel.callbacks import AtomicCheckpoint, FailOnNaN, StepTimer, Timed, TrialClock
 from hypermodel.model import PREFIX_NAME, SUFFIX_NAME, TOP_NAME, prefixes_for, set_unfrozen_blocks_trainable
 from hypermodel.schedules import WarmupSchedule
@@ -87,13 +88,13 @@ def compile_for_training(model, config, steps_per_epoch, epochs, learning_rate=N
         else:
             optimizer = (FusedAdam if fused else keras.optimizers.Adam)(schedule, **ema)
         loss = SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
-        model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
+        model.compile(optimizer=optimizer, loss=loss, metrics=compiled_metrics(model.outputs[0].shape[-1]),
                       steps_per_execution=steps_per_execution)
 
 
 def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learning_rate=None,
           callbacks=(), feature_cache=None, verbose=0, seconds=None, epoch_fraction=1.0, validate_once=False,
-          cache_cuts=(), label_smoothing=0.0, ema_momentum=None, inference=None):
+          cache_cuts=(), label_smoothing=0.0, ema_momentum=None, inference=None, class_weight=None):
     """Compiles and fits `model` on `data`, on cached prefix features when possible.
 
     Args:
@@ -105,9 +106,9 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
         feature_cache: A `FeatureCache`, or None to train end to end.
         seconds: Optional dict that receives where the time went ("features",
             "trace", "train", "validate", "checkpoint", "tensorboard").
-        epoch_fraction: The share of a pass over `data.x_train` one epoch trains on
-            (search trials); below 1 the epochs read one stream of passes, from where
-            `initial_epoch` left it.
+        epoch_fraction: The passes over `data.x_train` one epoch trains on (search
+            trials: below 1 on large datasets, above on small ones); other than 1 the
+            epochs read one endless stream of passes, from where `initial_epoch` left it.
         validate_once: Train epochs `initial_epoch`..`epochs` as one Keras epoch (numbered
             as the last), so it is validated, checkpointed and logged once, at its end.
             The learning rate schedule still runs over the epochs.
@@ -117,6 +118,7 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
             validation, callbacks and the fitted model see the averaged weights.
         inference: `model`'s `InferencePass` over `cache_cuts` (the footprint's), which
             builds the features when it reaches the backbone's output.
+        class_weight: Keras' {class: weight} of each class's loss, or None.
 
     Returns:
         (History, how it trained: "cached" or "end-to-end[: reason]").
@@ -124,14 +126,14 @@ def train(model, config, data, batch_size, seed, epochs, initial_epoch=0, learni
     callbacks = [AtomicCheckpoint(cb) if isinstance(cb, SaveBestEpoch) else cb for cb in callbacks]
     callbacks.append(FailOnNaN())
     # shuffle=False: the tf.data pipelines shuffle, in a seeded order (Keras would warn).
-    fit = dict(epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, shuffle=False)
+    fit = dict(epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, shuffle=False, class_weight=class_weight)
     steps_per_epoch, stream_from = math.ceil(len(data.x_train) / batch_size), None
     schedule = dict(steps_per_epoch=steps_per_epoch, epochs=epochs - initial_epoch, learning_rate=learning_rate,
                     label_smoothing=label_smoothing, ema_momentum=ema_momentum)
     if ema_momentum:
         # Before the other callbacks, so that early stopping keeps the averaged weights.
         callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    if epoch_fraction < 1 or validate_once:
+    if epoch_fraction != 1 or validate_once:
         steps_per_epoch = schedule["steps_per_epoch"] = max(1, round(steps_per_epoch * epoch_fraction))
         stream_from = initial_epoch * steps_per_epoch
         fit["steps_per_epoch"] = steps_per_epoch  # the stream is endless

@@ -49,7 +49,7 @@ def show_data(path, skip_bad_images, image_settings):
     summary = source.summary()
     log(f"source:      {summary['source']} ({summary['path']})")
     if isinstance(source, ImageFiles):
-        _show_image_files(summary, for_image_files(image_settings(), source, explicit_resolutions=False))
+        _show_image_files(summary, decided(image_settings(), source)[0])
         return 0
     log(f"train/test:  {summary['train']} / {summary['test']} images (before the validation split)")
     log(f"image shape: {'x'.join(map(str, summary['image_shape']))} grayscale uint8")
@@ -96,27 +96,28 @@ def load_source(settings):
     return source
 
 
-def for_image_files(settings, files, explicit_resolutions):
-    """`settings` adapted to image files' sizes: the resolutions searched and the storage size.
+def decided(settings, source, explicit=(), log=log):
+    """`settings` with the defaults that depend on the data decided from `source`.
 
-    Without --resolutions, the profile's `file_resolutions` are searched, leaving out
-    those above twice the images' median shorter side (no small image blown up far
-    beyond its detail); if that leaves none, the largest resolution that passes. The
-    store keeps images at the largest searched resolution, or at the images' own size
-    (90th percentile of the longer side) when that is smaller.
+    Each decision is logged once, with its reason (`tuning/data_decisions.py`); a
+    setting in `explicit` stays as the user gave it. Image files also get their storage
+    size: the largest searched resolution, or the images' own size (90th percentile of
+    the longer side) when that is smaller.
+
+    Returns:
+        (settings, [Decision]).
     """
     from hypermodel.space import RESOLUTION_RANGE
+    from tuning.data_decisions import DataFacts, decide
 
-    shorter = np.median([min(f.width, f.height) for f in files.files])
-    longer = np.percentile([max(f.width, f.height) for f in files.files], 90)
-    resolutions = settings.choices.resolutions
-    if not explicit_resolutions:
-        cap = max(RESOLUTION_RANGE[0], int(2 * shorter) // 8 * 8)
-        resolutions = tuple(r for r in settings.file_resolutions if r <= cap) or (
-            min(cap, min(settings.file_resolutions)),)
-    storage = settings.storage_size or int(min(max(resolutions), max(RESOLUTION_RANGE[0], np.ceil(longer / 8) * 8)))
-    return dataclasses.replace(settings, storage_size=storage,
-                               choices=dataclasses.replace(settings.choices, resolutions=resolutions))
+    settings, decisions = decide(settings, DataFacts.of(source), explicit)
+    for decision in decisions:
+        log(decision.line())
+    if isinstance(source, ImageFiles) and not settings.storage_size:
+        longer = np.percentile([max(f.width, f.height) for f in source.files], 90)
+        storage = int(min(max(settings.choices.resolutions), max(RESOLUTION_RANGE[0], np.ceil(longer / 8) * 8)))
+        settings = dataclasses.replace(settings, storage_size=storage)
+    return settings, decisions
 
 
 def materialize(source, settings, run_dir):
@@ -190,8 +191,7 @@ def search(settings, explicit=(), source=None):
     from tuning.tuner import configure_distributed, end_distributed, run_search
 
     source = source or load_source(settings)  # bad data is refused before anything else happens
-    if isinstance(source, ImageFiles):
-        settings = for_image_files(settings, source, "resolutions" in explicit)
+    settings, decisions = decided(settings, source, explicit)
     settings, dropped = with_available_backbones(settings, "backbones" in explicit)
     worker, workers = "local", None
     if settings.distributed:
@@ -201,11 +201,12 @@ def search(settings, explicit=(), source=None):
 
         workers = LocalWorkers(settings.workers, log=log)
         worker = configure_distributed("chief", workers.oracle)
-    run_dir = prepare_run_dir(settings, source, dropped)
+    run_dir = prepare_run_dir(settings, source, dropped, decisions)
     dataset = materialize(source, settings, run_dir)
     if dataset.files is not None:
         write_split_records(dataset.files, run_dir)
     data = search_data(dataset, settings)
+    record_search_images(run_dir, data)
     log(f"run dir: {run_dir}")
     log(f"watch it: python search.py tensorboard --run-dir {run_dir}   "
         f"(or: tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1)")
@@ -237,10 +238,20 @@ def search(settings, explicit=(), source=None):
 
         log(top(frame, TOP_N).to_string(index=False, columns=[
             "trial_id", "backbone", "resolution", "unfrozen_blocks", "dense_units", "dropout",
-            "learning_rate", "lr_schedule", "val_accuracy", "epochs", "train_s", "seconds", "latency_ms"]))
+            "learning_rate", "lr_schedule", *(["score"] if settings.objective != "accuracy" else []), "val_accuracy",
+            "epochs", "train_s", "seconds", "latency_ms"]))
     if result["best"] is None:
         raise NoCompletedTrial(no_trial_message(result["leaderboard"], run_dir))
     return 0
+
+
+def record_search_images(run_dir, data):
+    """Adds the images the search really trains and validates on to config.json."""
+    from tuning.run_dir import CONFIG_FILE, read_config
+
+    record = read_config(run_dir)
+    record["search_images"] = {"train": int(len(data.y_train)), "validation": int(len(data.y_val))}
+    atomic.write_json(Path(run_dir) / CONFIG_FILE, record)
 
 
 def search_worker(run_dir, oracle, worker_id):
@@ -400,8 +411,11 @@ def whole_job(settings, explicit=()):
     search(settings, explicit, source)
     if settings.distributed == "worker":
         return 0  # the chief retrains and exports, once
+    from tuning.run_dir import read_config
+
     run_dir = Path(settings.run_dir)
-    deadline = started + settings.job_time_budget_s if settings.job_time_budget_s else None
+    budget = read_config(run_dir)["settings"]["job_time_budget_s"]  # as decided from the data
+    deadline = started + budget if budget else None
     retrain(run_dir, deadline=deadline, source=source)
     export(run_dir, source=source)
     report(run_dir)

@@ -18,11 +18,12 @@ from common import atomic
 
 COLUMNS = [
     "trial_id", "status", "worker", "backbone", "resolution", "unfrozen_blocks", "pooling",
-    "dense_units", "dropout", "learning_rate", "lr_schedule", "val_accuracy", "epochs",
+    "dense_units", "dropout", "learning_rate", "lr_schedule", "score", "val_accuracy", "epochs",
     "train_s", "seconds", "latency_ms", "model_mb", "error",
 ]
-EXTRA_COLUMNS = ["optimizer", "warmup_epochs", "augmentation", "fit_mode", "bracket", "round", "best_epoch"]
+EXTRA_COLUMNS = ["val_balanced_accuracy", "val_macro_f1", "optimizer", "warmup_epochs", "augmentation", "fit_mode", "bracket", "round", "best_epoch"]
 ENDED = ("COMPLETED", "FAILED", "INVALID")
+SCORES = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 
 
 def trial_records(run_dir):
@@ -44,7 +45,9 @@ def trial_records(run_dir):
             trial_id=trial["trial_id"],
             status="REJECTED" if record.get("rejected") else trial["status"],
             worker=record.get("worker", ""),
-            val_accuracy=trial.get("score") if completed else None,
+            # The run's objective (val_accuracy unless --objective says otherwise).
+            score=trial.get("score") if completed else None,
+            **{name: record.get("scores", {}).get(name) if completed else None for name in SCORES},
             epochs=record.get("epochs"),
             seconds=record.get("seconds"),
             train_s=record.get("train_seconds"),
@@ -73,16 +76,17 @@ def write(run_dir):
 
 
 def best_trial(frame):
-    """The completed trial with the highest val_accuracy (earliest on ties), as JSON."""
-    done = frame[frame["status"] == "COMPLETED"].dropna(subset=["val_accuracy"])
+    """The completed trial with the highest score (earliest on ties), as JSON."""
+    done = frame[frame["status"] == "COMPLETED"].dropna(subset=["score"])
     if done.empty:
         return None
-    row = done.sort_values(["val_accuracy", "trial_id"], ascending=[False, True]).iloc[0]
+    row = done.sort_values(["score", "trial_id"], ascending=[False, True]).iloc[0]
     from hypermodel.space import TrialConfig
 
     names = [f for f in TrialConfig.__dataclass_fields__]
     return {
         "trial_id": str(row["trial_id"]),
+        "score": float(row["score"]),
         "val_accuracy": float(row["val_accuracy"]),
         "epochs": int(row["best_epoch"]),
         "hyperparameters": {k: _plain(row[k]) for k in names},
@@ -91,7 +95,7 @@ def best_trial(frame):
 
 def top(frame, n=5):
     done = frame[frame["status"] == "COMPLETED"]
-    return done.sort_values(["val_accuracy", "trial_id"], ascending=[False, True]).head(n)
+    return done.sort_values(["score", "trial_id"], ascending=[False, True]).head(n)
 
 
 def _plain(value):

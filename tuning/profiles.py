@@ -16,16 +16,13 @@ PROFILES = {
     "smoke": dict(
         choices=SearchChoices(
             backbones=("mobilenet_v2_0.35", "mobilenet_v2_0.5"),
-            # 48 px, not 32: at 32 px MobileNetV2's output is 1×1 and accuracy caps near
-            # 70 %; with the feature cache 48 px costs about the same (benchmarks/RESULTS.md).
-            resolutions=(48,),
-            unfrozen_blocks=(0, 2, 5),
             dense_units=(64, 256),
             learning_rate=(5e-4, 3e-3),
             lr_schedules=("constant", "cosine"),
             warmup_epochs=(0,),
         ),
-        file_resolutions=(64,),
+        resolution_ladder=(96,),
+        round_images=2000,
         max_epochs=2,
         factor=2,
         train_subset=2000,
@@ -40,22 +37,19 @@ PROFILES = {
         choices=SearchChoices(
             # Only the MobileNetV2s have weights offline; the others join where they download.
             backbones=("mobilenet_v2_0.35", "mobilenet_v2_0.5", "mobilenet_v3_small", "efficientnet_b0"),
-            resolutions=(64, 96),
-            # Head-only tops out near 89.5 % on this dataset (far from ImageNet), and 4
-            # blocks wins 1–3 epoch trials only because few weights converge fastest
-            # (seen in the first full run); the hour-long retrain needs a deep fine-tune,
-            # so the search compares 10 blocks (prefix cached) with all 17.
-            unfrozen_blocks=(10, 17),
             learning_rate=(3e-4, 3e-3),
             # Augmentation only pays off over the long retrain (phase 2 below); in 1–3
             # epoch trials it lowers accuracy, so the search would never pick it.
             augmentations=("none",),
         ),
-        file_resolutions=(96, 128),
-        # Hyperband's unit is a third of a pass: a trial's first round reads 2 667 images,
-        # and the best go on to 9 rounds (3 passes, as many as before), so a bracket
-        # judges 9 configurations where a whole-pass unit allowed 3.
-        epoch_fraction=1 / 3,
+        # Resolutions and fine-tuning depth are decided from the data (tuning/data_decisions.py):
+        # these bound them by what 2 cores afford in an hour (54 000 images at 96 px a pass).
+        resolution_ladder=(96, 128, 160),
+        pixel_budget=54_000 * 96**2,
+        # A trial's first round reads 2 667 images (a third of the 8 000-image slice, or
+        # several passes over a small dataset), and the best go on to 9 rounds, so a
+        # bracket judges 9 configurations cheaply.
+        round_images=2667,
         # Two trials at once, one core each: a trial's tracing and bookkeeping are single-
         # threaded Python, and a 64-96 px top's small tensors leave a second core half idle.
         workers=2,
@@ -79,14 +73,13 @@ PROFILES = {
     "gpu": dict(
         choices=SearchChoices(
             backbones=("resnet50", "efficientnet_b0", "mobilenet_v2_1.0"),
-            resolutions=(96, 160, 224),
-            unfrozen_blocks=(0, 4, 10),
             poolings=("avg", "flatten"),
             augmentations=("none", "shift", "flip_shift", "flip_shift_erase"),
         ),
         # Offline, none of those has weights: search the shipped ones at GPU sizes instead.
         fallback_backbones=("mobilenet_v2_0.5", "mobilenet_v2_0.35"),
-        file_resolutions=(160, 224),
+        resolution_ladder=(96, 160, 224),
+        pixel_budget=54_000 * 224**2,
         max_epochs=12,
         factor=3,
         batch_size=128,

@@ -11,7 +11,8 @@ from common import atomic
 
 LEADERBOARD_COLUMNS = [
     "trial_id", "backbone", "resolution", "unfrozen_blocks", "pooling", "dense_units", "dropout",
-    "learning_rate", "lr_schedule", "augmentation", "val_accuracy", "epochs", "train_s", "seconds",
+    "learning_rate", "lr_schedule", "augmentation", "score", "val_accuracy", "val_balanced_accuracy",
+    "val_macro_f1", "epochs", "train_s", "seconds",
     "latency_ms", "model_mb", "fit_mode",
 ]
 EXPORT_COLUMNS = ["format", "file", "size_kb", "test_accuracy", "drop_pp", "latency_ms_p50_1_thread",
@@ -33,7 +34,8 @@ def write_report(run_dir, log=print):
     lines = [f"# Transfer-learning search report: `{run_dir.name}`", ""]
     if metrics:
         lines += [f"**Test accuracy: {metrics['test_accuracy']:.4f}** on {metrics['test_images']} test images "
-                  f"(evaluated once, after retraining). Exported model: `{run_dir / 'export'}`.", ""]
+                  f"(evaluated once, after retraining)" + _scores(metrics) + f". Exported model: `{run_dir / 'export'}`.",
+                  ""]
     image_files = "per_split" in data
     lines += ["## Data", "", f"- Source: {data.get('source')} (`{data.get('path')}`), checksum "
               f"`{str(data.get('checksum'))[:16]}…`"]
@@ -48,20 +50,26 @@ def write_report(run_dir, log=print):
     else:
         lines += [f"- {data.get('train')} training / {data.get('test')} test images, "
                   f"{data.get('num_classes')} classes: {', '.join(data.get('class_names', []))}"]
+    used = config.get("search_images", {})
     lines += ["- Validation: " + ("as given" if "val" in data.get("per_split", {}) else
                                    f"{settings.get('validation_fraction')} of train, stratified, seed {settings.get('seed')}")
-              + f"; search used {settings.get('train_subset') or 'all'} training and "
-              f"{settings.get('val_subset') or 'all'} validation images", ""]
+              + (f"; the search trained on {used['train']} and validated on {used['validation']} images"
+                 if used else ""), ""]
+    decisions = config.get("decisions", [])
+    if decisions:
+        lines += ["### Decided from the data", "", "Each can be overridden by its flag (README: what the tool decides).", ""]
+        lines += [f"- `{d['setting']}` = {d['value']}: {d['reason']}" for d in decisions] + [""]
     lines += ["## Search", "",
               f"Profile `{settings.get('profile')}`, tuner `{settings.get('tuner')}` (max_epochs "
               f"{settings.get('max_epochs')}, factor {settings.get('factor')}), {len(board)} trials, "
-              f"{int((board.get('status') == 'COMPLETED').sum()) if len(board) else 0} completed.",
+              f"{int((board.get('status') == 'COMPLETED').sum()) if len(board) else 0} completed, ranked by "
+              f"`score` = validation {settings.get('objective', 'accuracy')}.",
               "Feature cache: " + ("on. Trials with `augmentation = none` train the top on cached frozen-prefix "
                                    "activations (no random augmentation); augmented trials train end to end."
                                    if settings.get("feature_cache") else "off (every trial end to end)."), "",
               "### Top 10", ""]
     if len(board):
-        done = board[board["status"] == "COMPLETED"].sort_values("val_accuracy", ascending=False).head(10)
+        done = board[board["status"] == "COMPLETED"].sort_values("score", ascending=False).head(10)
         lines += [markdown_table(done, [c for c in LEADERBOARD_COLUMNS if c in done.columns]), ""]
         for status, verb in (("FAILED", "failed"), ("REJECTED", "were rejected before training")):
             ended = board[board["status"] == status]
@@ -200,6 +208,15 @@ def pareto_front(latency, accuracy):
     return [i for i in range(len(latency))
             if not any((latency[j] <= latency[i] and accuracy[j] > accuracy[i])
                        or (latency[j] < latency[i] and accuracy[j] >= accuracy[i]) for j in range(len(latency)))]
+
+
+def _scores(metrics):
+    """The test accuracy's 95 % interval, balanced accuracy and macro-F1, where recorded."""
+    if "test_accuracy_interval95" not in metrics:
+        return ""
+    low, high = metrics["test_accuracy_interval95"]
+    return (f"; 95 % interval {low:.4f}–{high:.4f}, balanced accuracy {metrics['test_balanced_accuracy']:.4f}, "
+            f"macro-F1 {metrics['test_macro_f1']:.4f}")
 
 
 def markdown_table(frame, columns):

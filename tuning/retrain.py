@@ -12,6 +12,7 @@ test-time augmentation is then kept if it helps on validation.
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,8 +24,10 @@ import tensorflow as tf
 from common import atomic
 from common.errors import DataError, UsageError, UserError
 from data_pipeline.pipeline import make_dataset
+from data_pipeline.splits import class_weights
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import EpochProgress, FitToDeadline
+from hypermodel.metrics import monitored
 from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
 from hypermodel.space import config_from_values
 from hypermodel.training import epochs_that_fit, train
@@ -33,6 +36,11 @@ from tuning import report
 # After phase 2: TTA check, test evaluation, the exports (converted, the int8 top tuned, each
 # scored and timed: ~170 s on the default job), report.
 FINISH_RESERVE_S = 330
+# A phase trains on at least this many images, however small the dataset: on 300 images
+# a pass is 5 steps, which teaches a new head nothing.
+PHASE_MIN_IMAGES = 20_000
+# Early stopping waits this many images without progress (at least the setting's epochs).
+PATIENCE_IMAGES = 2000
 
 
 class DivergedError(UserError):
@@ -72,27 +80,33 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
     """
     run_dir = Path(run_dir)
     best, config = read_best(run_dir)
-    phase1_epochs, phase2_epochs = _phase_epochs(best, settings, settings.epochs, deadline)
-    phase2_config = dataclasses.replace(config, augmentation=settings.retrain_augmentation or config.augmentation)
+    lengths = PhaseLengths.of(best, settings, len(data.y_train), deadline, head_only=config.unfrozen_blocks == 0)
     log(f"retraining trial {best['trial_id']} (val_accuracy {best['val_accuracy']:.4f}): "
         f"{config.backbone} {config.resolution}px, unfrozen_blocks={config.unfrozen_blocks}; "
-        f"phase 1 {phase1_epochs} epochs, phase 2 {phase2_epochs or 'as many epochs as fit'}")
+        f"phase 1 {lengths.phase1} epochs, phase 2 {lengths.phase2 or 'as many epochs as fit'}"
+        + (f" (at most {lengths.phase2_cap}: {lengths.phase2_cap_reason})" if lengths.phase2_cap else ""))
     model = build_transfer_model(config, data.num_classes, settings.weights, settings.seed)
     histories = {}
-    for phase, epochs_, lr, phase_config in (
-        ("phase1", phase1_epochs, config.learning_rate, config),
-        ("phase2", phase2_epochs, config.learning_rate * settings.phase2_lr_factor, phase2_config),
+    flips = None
+    for phase, epochs_, lr in (
+        ("phase1", lengths.phase1, config.learning_rate),
+        ("phase2", lengths.phase2, config.learning_rate * settings.phase2_lr_factor),
     ):
         if phase == "phase2" and config.unfrozen_blocks == 0:
             histories[phase] = {"skipped": "unfrozen_blocks = 0: nothing to unfreeze"}
             continue
+        phase_config = config
+        if phase == "phase2" and settings.retrain_augmentation:
+            flips = check_flips(model, config, data, settings.batch_size)
+            phase_config = dataclasses.replace(config, augmentation=phase2_augmentation(
+                settings.retrain_augmentation, flips, log))
         set_unfrozen_blocks_trainable(model, phase == "phase2")
         started = time.time()
         callbacks = [
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / "retrain" / phase), write_graph=False),
             EpochProgress(phase, log, deadline),
         ]
-        patience = settings.early_stopping_patience
+        patience = lengths.patience
         regularisation = {}
         if phase == "phase2":
             regularisation = dict(label_smoothing=settings.label_smoothing, ema_momentum=settings.ema_momentum)
@@ -101,23 +115,27 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
             finish_by = deadline - FINISH_RESERVE_S
             fitted = epochs_that_fit(finish_by, model, phase_config, data, settings.batch_size, settings.seed,
                                      **regularisation)
-            epochs_ = fitted.epochs
-            plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": FINISH_RESERVE_S}}
+            epochs_ = min(fitted.epochs, lengths.phase2_cap or fitted.epochs)
+            plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": FINISH_RESERVE_S,
+                             "cap": lengths.phase2_cap, "cap_reason": lengths.phase2_cap_reason}}
             fit_to_deadline = FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=log)
             callbacks.append(fit_to_deadline)
-            # The schedule decays over exactly these epochs: run them all (augmented
-            # validation accuracy dips early on), keep the best.
-            patience = epochs_
+            if not lengths.phase2_cap:
+                # The schedule decays over exactly these epochs, the deadline being what
+                # limits the result: run them all (augmented validation accuracy dips
+                # early on), keep the best.
+                patience = epochs_
             log(f"  phase2 plan, timed on this machine: {fitted.reasoning()} before the job's deadline "
-                f"(less {FINISH_RESERVE_S} s for test and export)")
+                f"(less {FINISH_RESERVE_S} s for test and export)"
+                + (f"; {epochs_} epochs, stopping after {patience} without progress" if lengths.phase2_cap else ""))
         callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True,
+            monitor=monitored(settings.objective), mode="max", patience=patience, restore_best_weights=True,
         ))
         try:
             history, mode = train(
                 model, phase_config, data, batch_size=settings.batch_size, seed=settings.seed, epochs=epochs_,
                 learning_rate=lr, callbacks=callbacks, feature_cache=feature_cache, verbose=settings.verbose,
-                **regularisation,
+                class_weight=class_weights(data.y_train, data.num_classes, settings.class_weight), **regularisation,
             )
         except kt.errors.FailedTrialError as e:
             raise DivergedError(
@@ -129,6 +147,8 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         histories[phase] = {
             "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
             "best_val_accuracy": float(max(history.history["val_accuracy"])),
+            "objective": settings.objective,
+            "best_val_score": float(max(history.history[monitored(settings.objective)])),
             "epochs": len(history.epoch),
             "seconds": round(time.time() - started, 1),
             "learning_rate": lr,
@@ -146,24 +166,92 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         f"flip-averaged: {'used' if tta['used'] else 'not used'}")
     metrics = evaluate_test(model, config, dataset, settings.batch_size, tta=tta["used"])
     predicted = np.array(metrics.pop("predicted"))
-    metrics.update(histories, tta=tta, trial_id=best["trial_id"], hyperparameters=config.to_dict())
+    metrics.update(histories, tta=tta, flips=flips, trial_id=best["trial_id"], hyperparameters=config.to_dict())
     atomic.write_json(run_dir / "metrics.json", metrics)
     report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), dataset.class_names, run_dir / "confusion_matrix.png")
     report.plot_misclassified(dataset.x_test, dataset.y_test, predicted, dataset.class_names,
                               run_dir / "misclassified.png")
-    log(f"test accuracy: {metrics['test_accuracy']:.4f} ({len(dataset.y_test)} test images)")
+    low, high = metrics["test_accuracy_interval95"]
+    log(f"test accuracy: {metrics['test_accuracy']:.4f} (95 % interval {low:.4f}–{high:.4f}, "
+        f"{len(dataset.y_test)} test images); balanced accuracy {metrics['test_balanced_accuracy']:.4f}, "
+        f"macro-F1 {metrics['test_macro_f1']:.4f}")
     return metrics
 
 
-def _phase_epochs(best, settings, epochs, deadline):
-    """(phase 1, phase 2) epochs; phase 2 None = fit it to the deadline."""
-    if epochs:
-        return epochs, epochs
-    searched = max(1, round((best.get("epochs") or settings.max_epochs) * settings.epoch_fraction))  # passes
-    phase1, phase2 = settings.retrain_epochs or (None, None)
-    if deadline is not None:
-        return phase1 or searched, None
-    return phase1 or searched, phase2 or searched
+@dataclasses.dataclass(frozen=True)
+class PhaseLengths:
+    """How long each phase of the retrain trains, in epochs (passes over its images).
+
+    Attributes:
+        phase1, phase2: Epochs; phase2 None = as many as fit before the deadline.
+        phase2_cap: With a deadline, the most epochs phase 2 needs (None = the deadline
+            alone decides), and why.
+        patience: Epochs without progress before a phase stops.
+    """
+
+    phase1: int
+    phase2: int
+    phase2_cap: int
+    phase2_cap_reason: str
+    patience: int
+
+    @classmethod
+    def of(cls, best, settings, train_images, deadline, head_only=False):
+        """The lengths for `train_images` training images.
+
+        An explicit `settings.epochs` is used as given. Otherwise a phase lasts the
+        profile's epochs or the search's, but at least `PHASE_MIN_IMAGES` images. With a
+        deadline, phase 2 fills it, except where the search already trained on every
+        training image: there the winner's own training, twice over, is what phase 2
+        needs, and early stopping ends it sooner on a plateau. A `head_only` winner has
+        no phase 2: its phase 1 gets phase 2's length.
+        """
+        patience = max(settings.early_stopping_patience, math.ceil(PATIENCE_IMAGES / train_images))
+        if settings.epochs:
+            return cls(settings.epochs, settings.epochs, None, None, patience)
+        least = math.ceil(PHASE_MIN_IMAGES / train_images)
+        searched = max(1, round((best.get("epochs") or settings.max_epochs) * settings.epoch_fraction))  # passes
+        phase1, phase2 = settings.retrain_epochs or (None, None)
+        phase1 = max(phase1 or searched, least)
+        if deadline is None:
+            phase2 = max(phase2 or searched, least)
+            return cls(max(phase1, phase2) if head_only else phase1, phase2, None, None, patience)
+        if settings.train_subset and settings.train_subset < train_images:
+            return cls(phase1, None, None, None, patience)
+        cap = max(least, 2 * searched)
+        return cls(max(phase1, cap) if head_only else phase1, None, cap,
+                   f"the search trained on all {train_images:,} images and its winner on {searched} passes of them",
+                   patience)
+
+
+# A flipped 2 is no 2: where a model that never saw a mirror image loses this much
+# validation accuracy on the mirrored images, flips are no augmentation for the data.
+FLIP_ACCURACY_LOSS = 0.05
+
+
+def check_flips(model, config, data, batch_size):
+    """Whether the classes survive a horizontal flip, judged by `model` on validation.
+
+    Returns:
+        {"val_accuracy_plain", "val_accuracy_flipped", "invariant"}.
+    """
+    plain, flipped = _plain_and_flipped(model, config, data.x_val, batch_size)
+    plain_accuracy = float(np.mean(plain.argmax(1) == data.y_val))
+    flipped_accuracy = float(np.mean(flipped.argmax(1) == data.y_val))
+    return {"val_accuracy_plain": plain_accuracy, "val_accuracy_flipped": flipped_accuracy,
+            "invariant": flipped_accuracy >= plain_accuracy - FLIP_ACCURACY_LOSS}
+
+
+def phase2_augmentation(augmentation, flips, log=print):
+    """The profile's phase-2 `augmentation`, without its flips where `flips` (`check_flips`)
+    says a flip changes the class."""
+    if not flips["invariant"]:
+        augmentation = augmentation.replace("flip_", "").replace("flip", "none")
+    log(f"  flips: the phase-1 model scores {flips['val_accuracy_plain']:.4f} on validation, "
+        f"{flips['val_accuracy_flipped']:.4f} on its mirror images: "
+        + ("the classes survive a flip" if flips["invariant"] else "a flip changes the class")
+        + f"; phase 2 augments with {augmentation}")
+    return augmentation
 
 
 def choose_tta(model, config, data, batch_size):
@@ -171,14 +259,18 @@ def choose_tta(model, config, data, batch_size):
 
     Decided on the validation split, so the test split stays read once.
     """
-    backbone = get_backbone(config.backbone)
-    ds = make_dataset(data.x_val, None, config.resolution, backbone.preprocess_input, batch_size)
-    plain = model.predict(ds, verbose=0)
-    flipped = model.predict(ds.map(flip_images), verbose=0)
+    plain, flipped = _plain_and_flipped(model, config, data.x_val, batch_size)
     plain_accuracy = float(np.mean(plain.argmax(1) == data.y_val))
     flip_accuracy = float(np.mean((plain + flipped).argmax(1) == data.y_val))
     return {"val_accuracy_plain": plain_accuracy, "val_accuracy_flip": flip_accuracy,
             "used": flip_accuracy > plain_accuracy}
+
+
+def _plain_and_flipped(model, config, images, batch_size):
+    """`model`'s probabilities for `images` and for their mirror images."""
+    backbone = get_backbone(config.backbone)
+    ds = make_dataset(images, None, config.resolution, backbone.preprocess_input, batch_size)
+    return model.predict(ds, verbose=0), model.predict(ds.map(flip_images), verbose=0)
 
 
 def flip_images(images):
@@ -193,8 +285,18 @@ def save_model(model, path):
     tmp.replace(path)
 
 
+def wilson_interval(successes, trials, z=1.96):
+    """The Wilson score interval of a proportion (95 % for z = 1.96): how far a test
+    accuracy measured on `trials` images can move."""
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def evaluate_test(model, config, dataset, batch_size=128, tta=False):
-    """The one place the test split is read: accuracy, per-class P/R/F1, confusion matrix.
+    """The one place the test split is read: accuracy (with its 95 % interval), balanced
+    accuracy, macro-F1, per-class P/R/F1, confusion matrix.
 
     Args:
         tta: Average the predictions of each image and its horizontal flip.
@@ -220,8 +322,13 @@ def evaluate_test(model, config, dataset, batch_size=128, tta=False):
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
                            "support": int(confusion[i].sum())}
+    present = [c for c in per_class.values() if c["support"]]
+    correct = int(np.sum(predicted == truth))
     return {
-        "test_accuracy": float(np.mean(predicted == truth)),
+        "test_accuracy": correct / len(truth),
+        "test_accuracy_interval95": wilson_interval(correct, len(truth)),
+        "test_balanced_accuracy": float(np.mean([c["recall"] for c in present])),
+        "test_macro_f1": float(np.mean([c["f1"] for c in present])),
         "test_images": int(len(truth)),
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),

@@ -38,7 +38,7 @@ def library_versions():
     }
 
 
-def prepare_run_dir(settings, dataset, dropped_backbones=None):
+def prepare_run_dir(settings, dataset, dropped_backbones=None, decisions=()):
     """Creates or reopens a run directory and writes `config.json`.
 
     A directory holding a run with different search settings, or files that are not
@@ -48,6 +48,7 @@ def prepare_run_dir(settings, dataset, dropped_backbones=None):
         settings: The resolved `Settings`.
         dataset: The validated `Dataset`.
         dropped_backbones: {backbone: why} left out of the search for want of weights.
+        decisions: The `Decision`s that set some of `settings` from the data.
 
     Returns:
         The run directory as a `Path`.
@@ -67,6 +68,7 @@ def prepare_run_dir(settings, dataset, dropped_backbones=None):
     record = {
         "settings": settings.to_dict(),
         "dropped_backbones": dropped_backbones or {},
+        "decisions": [d.to_dict() for d in decisions],
         "data": dataset.summary(),
         "versions": library_versions(),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),

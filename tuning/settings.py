@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import re
 
+from data_pipeline.splits import IMBALANCE_RATIO
+from hypermodel.metrics import OBJECTIVES
 from hypermodel.space import RESOLUTION_RANGE, SearchChoices
 
 JOB = "job"  # `python search.py` with no subcommand: search → retrain → export → report
@@ -194,8 +196,10 @@ SETTINGS = (
     Setting("learning_rate", SearchChoices.learning_rate, "MIN,MAX of the log-uniform learning-rate range",
             "--learning-rate", float_range, in_choices=True, example="1e-4,1e-3"),
     Setting("choices", SearchChoices(), "the whole search space (profiles set it; flags above override fields)"),
-    Setting("file_resolutions", (96, 128), "resolutions searched on image files (unless --resolutions), "
-            "those above twice the images' median shorter side left out"),
+    Setting("resolution_ladder", (96, 128), "candidate input sizes: those the images' detail and the "
+            "pixel budget allow are searched (unless --resolutions; hypermodel.space.resolutions_for)"),
+    Setting("pixel_budget", 5.0e8, "pixels (images × side²) one pass of the retrain may cost on this "
+            "profile's machine: caps the resolutions of large datasets"),
     Setting("storage_size", None, "image files: side of the decoded store (None = from the resolutions "
             "and the images' sizes)"),
     # How the search runs.
@@ -207,6 +211,8 @@ SETTINGS = (
     Setting("workers", 1, "trials trained at once by worker processes on this machine, each on its share "
             "of the cores (KerasTuner's chief/worker mode on 127.0.0.1)", "--workers", positive_int,
             resumable=True, example="2"),
+    Setting("round_images", None, "images a search round (Hyperband's unit) trains on, whatever the "
+            "dataset's size: sets epoch_fraction from the data (None = epoch_fraction as given)"),
     Setting("epoch_fraction", 1.0, "share of the training slice one search epoch covers (Hyperband's unit): "
             "below 1, a trial's first rounds judge it on part of a pass and later rounds continue the pass",
             "--epoch-fraction", share, example="0.5"),
@@ -226,6 +232,12 @@ SETTINGS = (
             parse="switch", commands=SEARCHING | {"retrain"}, resumable=True),
     Setting("cache_budget_mb", 4096, "feature cache RAM budget in MB", "--cache-budget", positive_int,
             commands=SEARCHING | {"retrain"}, resumable=True, example="512"),
+    Setting("class_weight", "auto", "weigh each class's loss by its rarity: balanced, none, or auto "
+            f"(balanced where the largest class has {IMBALANCE_RATIO}× the images of the smallest)", "--class-weight",
+            choices=("auto", "balanced", "none"), example="balanced"),
+    Setting("objective", "auto", "what the search, early stopping and the phases choose by: accuracy, "
+            "balanced_accuracy, macro_f1, or auto (balanced_accuracy where --class-weight auto would balance)",
+            "--objective", choices=("auto", *OBJECTIVES), example="macro_f1"),
     Setting("early_stopping_patience", 2, "epochs without progress before a trial stops"),
     Setting("max_consecutive_failures", 3, "failed trials in a row that stop the search"),
     Setting("mixed_precision", False, "train in float16 with float32 variables"),

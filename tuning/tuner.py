@@ -24,6 +24,7 @@ from common.errors import UserError
 from hypermodel import space
 from hypermodel.footprint import Limits, TrialRejected, is_rejection
 from hypermodel.hypermodel import TransferHyperModel
+from hypermodel.metrics import monitored
 from tuning import leaderboard
 
 PROJECT_NAME = "tuner"
@@ -243,6 +244,7 @@ class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin,
         self._trial_fits[trial.trial_id] = {
             "epochs": sum(h.epochs_run for h in fitted),
             "best_epoch": max((h.best_epoch for h in fitted), default=None),
+            "scores": fitted[-1].best_scores if fitted else {},
             "fit_mode": fitted[0].fit_mode if fitted else "",
             "train_seconds": round(sum(h.train_seconds for h in fitted), 2),
             "breakdown": _sum_breakdowns([h.seconds for h in fitted]),
@@ -294,13 +296,13 @@ class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin,
         values = trial.hyperparameters.values
         status = self.oracle.get_trial(trial.trial_id).status if hasattr(self.oracle, "get_trial") else trial.status
         row = frame[frame["trial_id"] == trial.trial_id]
-        score = row["val_accuracy"].iloc[0] if len(row) else None
-        best = frame["val_accuracy"].max() if len(frame) else float("nan")
+        score = row["score"].iloc[0] if len(row) else None
+        best = frame["score"].max() if len(frame) else float("nan")
         best = "-" if best != best else f"{best:.4f}"
         if record.get("rejected"):
             result = record["rejected"]
         elif score is not None and score == score:
-            result = f"val_accuracy {score:.4f}"
+            result = f"{self.hypermodel.monitor} {score:.4f}"
         else:
             result = f"{status}: {record['error']}"
         left = ""
@@ -359,7 +361,7 @@ class HyperbandTransferTuner(TransferTuner, kt.Hyperband):
 def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadline=None, distribution_strategy=None):
     """Builds the tuner chosen by `settings.tuner`, resuming any state in `run_dir/tuner`."""
     common = dict(
-        objective=kt.Objective("val_accuracy", "max"),
+        objective=kt.Objective(monitored(settings.objective), "max"),
         seed=settings.seed + 1,  # KerasTuner takes seed 0 for "no seed" (a random one)
         max_retries_per_trial=0,
         max_consecutive_failed_trials=None,  # counted by the oracle mixin instead
@@ -432,7 +434,7 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         settings.choices, data.num_classes, weights=settings.weights, batch_size=settings.batch_size,
         seed=settings.seed, early_stopping_patience=settings.early_stopping_patience,
         feature_cache=feature_cache, limits=Limits(settings.max_latency_ms, settings.max_model_mb),
-        epoch_fraction=settings.epoch_fraction,
+        epoch_fraction=settings.epoch_fraction, class_weight=settings.class_weight, objective=settings.objective,
     )
     tuner = make_tuner(settings, hypermodel, run_dir, worker=worker, log=log, deadline=deadline,
                        distribution_strategy=distribution_strategy(settings.strategy))
