@@ -9,7 +9,6 @@ import numpy as np
 
 from data_pipeline.splits import class_weights
 from hypermodel import space
-from hypermodel.metrics import OBJECTIVES, monitored
 from hypermodel.footprint import FootprintChecker, Limits
 from hypermodel.backbones import get_backbone
 from hypermodel.model import InferencePass, ReusedBackbones, build_transfer_model
@@ -49,7 +48,7 @@ class TransferHyperModel(kt.HyperModel):
         self.footprints = FootprintChecker(limits)
         self.epoch_fraction = epoch_fraction
         self.class_weight = class_weight
-        self.monitor = monitored(objective)
+        self.monitor = space.monitored(objective)
         self.backbones = ReusedBackbones()  # trials run one at a time in a process
 
     def declare_hyperparameters(self, hp):
@@ -115,7 +114,7 @@ class TransferHyperModel(kt.HyperModel):
         best = int(np.argmax(scores))
         history.epochs_run = epochs - initial_epoch if validate_once else len(history.epoch)
         history.best_epoch = history.epoch[best] + 1
-        history.best_scores = {name: float(history.history[name][best]) for name in map(monitored, OBJECTIVES)
+        history.best_scores = {name: float(history.history[name][best]) for name in map(space.monitored, space.OBJECTIVES)
                                if name in history.history}
         history.fit_mode = mode
         history.train_seconds = time.perf_counter() - started  # the trial's cost less building, measuring

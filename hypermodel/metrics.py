@@ -9,9 +9,6 @@ the tuner's objective can follow either (`--objective`).
 import keras
 from keras import ops
 
-OBJECTIVES = ("accuracy", "balanced_accuracy", "macro_f1")
-
-
 class _ConfusionMetric(keras.metrics.Metric):
     """Accumulates a K×K confusion matrix (rows: true class, columns: predicted) over
     the batches of an epoch; sample weights are ignored (every image counts once)."""
@@ -70,10 +67,3 @@ class MacroF1(_ConfusionMetric):
 def compiled_metrics(num_classes):
     """The metrics every model of the tool is compiled with, one per objective."""
     return ["accuracy", BalancedAccuracy(num_classes), MacroF1(num_classes)]
-
-
-def monitored(objective):
-    """The Keras log key a choice by `objective` follows (validation's)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    return f"val_{objective}"

@@ -11,6 +11,8 @@ import dataclasses
 RESOLUTION_RANGE = (32, 299)  # input sides, in px, the space may search
 LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
 OPTIMIZERS = ("adam", "adamw")
+# What trials, early stopping and the retrain's phases are chosen by (hypermodel/metrics.py).
+OBJECTIVES = ("accuracy", "balanced_accuracy", "macro_f1")
 
 # Every registry backbone downsamples its input 32×. Pretrained filters expect objects at
 # the scale of ImageNet's: below a 3×3 final feature map an object's parts no longer sit
@@ -118,6 +120,13 @@ def unfrozen_blocks_for(train_images):
             bound = f"under {limit:,}" if limit else f"{UNFROZEN_BLOCKS_BY_IMAGES[-2][0]:,} or more"
             return depths, f"the final model learns from {train_images:,} training images, {bound}"
     raise AssertionError("the last entry has no limit")
+
+
+def monitored(objective):
+    """The Keras log key a choice by `objective` follows (validation's)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    return f"val_{objective}"
 
 
 def _choice(hp, name, values):

@@ -27,9 +27,8 @@ from data_pipeline.pipeline import make_dataset
 from data_pipeline.splits import class_weights
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import EpochProgress, FitToDeadline
-from hypermodel.metrics import monitored
 from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
-from hypermodel.space import config_from_values
+from hypermodel.space import config_from_values, monitored
 from hypermodel.training import epochs_that_fit, train
 from tuning import report
 

@@ -11,8 +11,7 @@ import dataclasses
 import re
 
 from data_pipeline.splits import IMBALANCE_RATIO
-from hypermodel.metrics import OBJECTIVES
-from hypermodel.space import RESOLUTION_RANGE, SearchChoices
+from hypermodel.space import OBJECTIVES, RESOLUTION_RANGE, SearchChoices
 
 JOB = "job"  # `python search.py` with no subcommand: search → retrain → export → report
 SEARCHING = frozenset({JOB, "search"})

@@ -24,7 +24,6 @@ from common.errors import UserError
 from hypermodel import space
 from hypermodel.footprint import Limits, TrialRejected, is_rejection
 from hypermodel.hypermodel import TransferHyperModel
-from hypermodel.metrics import monitored
 from tuning import leaderboard
 
 PROJECT_NAME = "tuner"
@@ -361,7 +360,7 @@ class HyperbandTransferTuner(TransferTuner, kt.Hyperband):
 def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadline=None, distribution_strategy=None):
     """Builds the tuner chosen by `settings.tuner`, resuming any state in `run_dir/tuner`."""
     common = dict(
-        objective=kt.Objective(monitored(settings.objective), "max"),
+        objective=kt.Objective(space.monitored(settings.objective), "max"),
         seed=settings.seed + 1,  # KerasTuner takes seed 0 for "no seed" (a random one)
         max_retries_per_trial=0,
         max_consecutive_failed_trials=None,  # counted by the oracle mixin instead
