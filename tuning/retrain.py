@@ -284,9 +284,9 @@ def save_model(model, path):
     tmp.replace(path)
 
 
-def wilson_interval(successes, trials, z=1.96):
-    """The Wilson score interval of a proportion (95 % for z = 1.96): how far a test
-    accuracy measured on `trials` images can move."""
+def wilson_interval(successes, trials, z=1.959963984540054):
+    """The 95 % Wilson score interval of a proportion: how far a test
+    accuracy measured on `trials` images can move (z: the normal quantile of 97.5 %)."""
     p = successes / trials
     centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)

@@ -1,0 +1,277 @@
+"""The defaults decided from the data, each on real data: scikit-learn's 8×8 handwritten
+digits (written as a folder of PNGs), Fashion-MNIST (28×28 arrays, a slice made
+imbalanced) and matplotlib's sample photographs."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from cli import run_cli
+from data_pipeline import load_dataset
+from data_pipeline.images import decode_square
+from data_pipeline.splits import training_data
+from hypermodel.space import BACKBONE_STRIDE
+from image_folders import sample_photos
+from tuning.data_decisions import DataFacts, decide
+from tuning.profiles import PROFILES
+from tuning.retrain import PhaseLengths
+from tuning.settings import resolve
+
+
+def write_digits(root):
+    """scikit-learn's 1 797 scanned 8×8 digits as root/<digit>/<n>.png (grayscale)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(image * 255 / 16).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return load_dataset(write_digits(tmp_path_factory.mktemp("digits") / "digits"))
+
+
+@pytest.fixture(scope="module")
+def digits_decoded(digits, tmp_path_factory):
+    """The digits' `Dataset`, decoded into an image store as a run would."""
+    from tuning.jobs import decided as with_decisions, materialize
+
+    settings, _ = with_decisions(resolve("cpu", PROFILES["cpu"], {}), digits, log=lambda _: None)
+    return materialize(digits, settings, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return load_dataset(None)
+
+
+def decided(source, profile="cpu", **given):
+    settings = resolve(profile, PROFILES[profile], given)
+    return decide(settings, DataFacts.of(source), explicit=set(given))
+
+
+def by_setting(decisions):
+    return {d.setting: d for d in decisions}
+
+
+def test_tiny_images_are_searched_where_the_backbone_sees_at_least_3x3(digits, fashion):
+    for source in (digits, fashion):
+        settings, decisions = decided(source)
+        assert all(r // BACKBONE_STRIDE >= 3 for r in settings.choices.resolutions), settings.choices.resolutions
+        assert "3×3" in by_setting(decisions)["resolutions"].reason
+    # 8 px and 28 px images have no detail for more than the smallest such size.
+    assert decided(digits)[0].choices.resolutions == (96,)
+    # An explicit flag wins.
+    settings, decisions = decided(digits, resolutions=(48,))
+    assert settings.choices.resolutions == (48,) and "resolutions" not in by_setting(decisions)
+
+
+def test_photos_search_up_to_what_their_detail_and_the_budget_allow(tmp_path):
+    folder = tmp_path / "photos"
+    for kind, photo in zip(("a", "b"), sample_photos()[:2]):
+        (folder / kind).mkdir(parents=True)
+        for i in range(4):
+            Image.open(photo).convert("RGB").save(folder / kind / f"{i}.png")
+    source = load_dataset(folder)
+    side = np.median([max(f.width, f.height) for f in source.files])
+    assert side >= 224
+    resolutions = decided(source)[0].choices.resolutions
+    assert min(resolutions) == 96 and max(resolutions) > 96, resolutions
+    # A machine that affords nothing larger searches the smallest useful size only.
+    poor = dataclasses.replace(resolve("cpu", PROFILES["cpu"], {}), pixel_budget=1)
+    assert decide(poor, DataFacts.of(source))[0].choices.resolutions == (96,)
+
+
+def test_validation_holds_enough_images_per_class_to_rank_trials(digits, digits_decoded, fashion):
+    settings, _ = decided(digits)
+    data = training_data(digits_decoded, settings.validation_fraction, settings.seed)
+    classes = digits.num_classes
+    assert len(data.y_val) >= 20 * classes, len(data.y_val)  # a tenth would leave ~14 per class
+    assert len(data.y_val) <= 0.3 * len(digits_decoded.y_train)
+    assert min(np.bincount(data.y_val)) >= 20
+    # A large dataset keeps its tenth: nothing to gain from a larger share.
+    assert decided(fashion)[0].validation_fraction == pytest.approx(0.1)
+
+
+def test_a_search_round_is_images_seen_not_a_share_of_a_pass(digits, digits_decoded, fashion):
+    small, _ = decided(digits)
+    large, _ = decided(fashion)
+    # 1.2k training images: each round trains on several passes; Fashion's 8k slice: a third of one.
+    assert small.epoch_fraction > 1 and large.epoch_fraction < 1
+
+    def round_images(settings, source):
+        data = training_data(source, settings.validation_fraction, settings.seed, settings.train_subset)
+        return settings.epoch_fraction * len(data.y_train)
+
+    assert round_images(small, digits_decoded) == pytest.approx(round_images(large, fashion), rel=0.01)
+
+
+def test_fine_tuning_depth_follows_the_training_images(digits, fashion):
+    small, large = decided(digits)[0].choices.unfrozen_blocks, decided(fashion)[0].choices.unfrozen_blocks
+    assert 0 in small and max(small) < min(large), (small, large)
+
+
+def test_a_small_dataset_gets_minutes_and_a_large_one_its_profile_hour(digits, fashion):
+    small, decisions = decided(digits)
+    assert small.job_time_budget_s <= 15 * 60 and small.time_budget_s < small.job_time_budget_s
+    assert "upper bound" in by_setting(decisions)["job_time_budget_s"].reason
+    large, decisions = decided(fashion)
+    assert large.job_time_budget_s == PROFILES["cpu"]["job_time_budget_s"]
+    assert "job_time_budget_s" not in by_setting(decisions)
+    # An explicit budget is the user's.
+    assert decided(digits, job_time_budget_s=3600)[0].job_time_budget_s == 3600
+
+
+def test_imbalanced_classes_are_weighted_and_chosen_by_balanced_accuracy(fashion):
+    rng = np.random.default_rng(0)
+    keep = np.concatenate([rng.choice(np.flatnonzero(fashion.y_train == c), 600 if c < 5 else 50, replace=False)
+                           for c in range(10)])
+    skewed = dataclasses.replace(fashion, x_train=fashion.x_train[keep], y_train=fashion.y_train[keep])
+    settings, decisions = decided(skewed)
+    assert (settings.class_weight, settings.objective) == ("balanced", "balanced_accuracy")
+    assert "12.0×" in by_setting(decisions)["class_weight"].reason
+    settings, _ = decided(fashion)
+    assert (settings.class_weight, settings.objective) == ("none", "accuracy")
+    settings, _ = decided(skewed, class_weight="none", objective="macro_f1")
+    assert (settings.class_weight, settings.objective) == ("none", "macro_f1")
+
+
+def test_phase_lengths_count_images_not_passes():
+    settings = resolve("cpu", PROFILES["cpu"], {})
+    best = {"epochs": 9}
+    deadline = 1e12
+    small = PhaseLengths.of(best, dataclasses.replace(settings, epoch_fraction=10.0), 300, deadline)
+    # 300 images: a phase runs thousands of images, not 1 pass of 5 steps; phase 2 ends
+    # by what the winner needed, not by the hour.
+    assert small.phase1 * 300 >= 10_000 and small.phase2_cap is not None and small.patience > 2
+    large = PhaseLengths.of(best, settings, 54_000, deadline)
+    assert (large.phase1, large.phase2, large.phase2_cap, large.patience) == (1, None, None, 2)
+    assert PhaseLengths.of(best, dataclasses.replace(settings, epochs=3), 300, deadline).phase1 == 3
+
+
+def test_letterbox_bars_take_the_colour_of_the_images_border(tmp_path):
+    # A cut-out (transparent background, composited on white) in a wide image.
+    image = Image.new("RGBA", (120, 40), (0, 0, 0, 0))
+    image.paste((200, 30, 30, 255), (50, 5, 70, 35))
+    image.save(tmp_path / "cutout.png")
+    square = decode_square(tf.io.read_file(str(tmp_path / "cutout.png")), 60).numpy()
+    assert square.shape == (60, 60, 3)
+    assert (square[:5] >= 250).all() and (square[-5:] >= 250).all()  # the bars: white, as the background
+    # A photo's bars take its border's mean tone, not black.
+    photo = sample_photos()[0]
+    rgb = np.asarray(Image.open(photo).convert("RGB"), dtype=np.float64)
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).mean(axis=0)
+    square = decode_square(tf.io.read_file(str(photo)), 64).numpy()
+    wide = rgb.shape[1] >= rgb.shape[0]
+    bar = square[0, 32] if wide else square[32, 0]
+    assert np.abs(bar - border).max() <= 12, (bar, border)
+
+
+def test_the_smoke_job_on_8px_digits_reaches_its_accuracy_floor(tmp_path):
+    """Before the data decided the resolution, the 8 px digits were searched at 32–64 px
+    (a 1×1–2×2 final feature map) and the smoke job scored 65.7 %."""
+    data = write_digits(tmp_path / "digits")
+    run_dir = tmp_path / "run"
+    result = run_cli("--profile", "smoke", "--data", data, "--run-dir", run_dir, "--formats", "tflite")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "decided from the data: resolutions = 96" in result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.90, metrics["test_accuracy"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert {d["setting"] for d in config["decisions"]} >= {"resolutions", "validation_fraction", "epoch_fraction"}
+    # The report says what the search really used (the profile asks for 2 000 / 500).
+    used = config["search_images"]
+    assert used["train"] + used["validation"] == round(0.8 * 1797)
+    assert f"the search trained on {used['train']} and validated on {used['validation']} images" in (
+        run_dir / "report.md").read_text()
+    low, high = metrics["test_accuracy_interval95"]
+    assert low < metrics["test_accuracy"] < high and high - low > 0.03  # 359 test images: a few points either way
+    assert math.isclose(metrics["test_balanced_accuracy"], metrics["test_accuracy"], abs_tol=0.03)
+
+
+def test_balanced_accuracy_and_macro_f1_agree_with_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    from hypermodel.metrics import BalancedAccuracy, MacroF1
+
+    rng = np.random.default_rng(0)
+    truth = np.concatenate([np.zeros(90, int), np.ones(9, int), np.full(1, 3)])  # class 2 never occurs
+    probabilities = rng.dirichlet(np.ones(4), size=len(truth)).astype(np.float32)
+    probabilities[:60, 0] += 1  # mostly right on the big class
+    predicted = probabilities.argmax(1)
+    for metric, reference in ((BalancedAccuracy(4), balanced_accuracy_score(truth, predicted)),
+                              (MacroF1(4), f1_score(truth, predicted, average="macro", labels=[0, 1, 3]))):
+        for start in range(0, len(truth), 32):  # streamed over batches, as an epoch
+            metric.update_state(truth[start:start + 32], probabilities[start:start + 32])
+        assert float(metric.result()) == pytest.approx(reference, abs=1e-6)
+        metric.reset_state()
+        assert float(metric.result()) == 0.0
+
+
+def test_the_test_accuracy_interval_is_wilsons():
+    from scipy.stats import binomtest
+
+    from tuning.retrain import wilson_interval
+
+    for correct, total in ((60, 80), (9_400, 10_000), (80, 80), (0, 12)):
+        reference = binomtest(correct, total).proportion_ci(method="wilson")
+        assert wilson_interval(correct, total) == pytest.approx([reference.low, reference.high], abs=1e-9)
+
+
+def test_balanced_class_weights_agree_with_scikit_learn(fashion):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from data_pipeline.splits import class_weights
+
+    labels = np.concatenate([np.flatnonzero(fashion.y_train == c)[: 500 if c % 2 else 40] for c in range(10)])
+    labels = fashion.y_train[labels]
+    reference = compute_class_weight("balanced", classes=np.arange(10), y=labels)
+    assert list(class_weights(labels, 10, "balanced").values()) == pytest.approx(list(reference))
+    assert class_weights(labels, 10, "auto") == class_weights(labels, 10, "balanced")  # 12.5:1
+    assert class_weights(fashion.y_train[:1000], 10, "auto") is None  # about even
+
+
+def test_flips_are_kept_for_clothes_and_dropped_for_digits(digits_decoded, fashion):
+    """A head trained on un-flipped images: clothes keep their class in a mirror, digits do not."""
+    from data_pipeline.splits import training_data as split
+    from hypermodel.model import build_transfer_model
+    from hypermodel.space import TrialConfig
+    from hypermodel.training import train
+    from tuning.retrain import check_flips, phase2_augmentation
+
+    config = TrialConfig("mobilenet_v2_0.35", 96, 0, "avg", 64, 0.0, 3e-3, "constant", 0, "adam", "none")
+    verdicts = {}
+    for name, source in (("digits", digits_decoded), ("fashion", fashion)):
+        data = split(source, 0.2, 0, train_subset=800, val_subset=300)
+        model = build_transfer_model(config, data.num_classes, "imagenet", 0)
+        train(model, config, data, batch_size=64, seed=0, epochs=6)
+        verdicts[name] = check_flips(model, config, data, 64)
+    assert verdicts["fashion"]["invariant"], verdicts
+    assert not verdicts["digits"]["invariant"], verdicts
+    assert phase2_augmentation("flip_shift_erase", verdicts["digits"], log=lambda _: None) == "shift_erase"
+    assert phase2_augmentation("flip_shift_erase", verdicts["fashion"], log=lambda _: None) == "flip_shift_erase"
+
+
+def test_epoch_lines_come_at_a_readable_rate():
+    import keras
+
+    from hypermodel.callbacks import EpochProgress
+
+    lines = []
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = np.random.default_rng(0).normal(size=(32, 4)), np.arange(32) % 2
+    model.fit(x, y, validation_data=(x, y), epochs=300, verbose=0,
+              callbacks=[EpochProgress("phase2", lines.append, every_s=3600)])
+    assert len(lines) == 2, lines  # the first epoch, and the last one run
+    assert lines[0].startswith("  phase2 epoch 1/300") and lines[1].startswith("  phase2 epoch 300/300")
+
