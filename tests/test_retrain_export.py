@@ -11,6 +11,7 @@ from PIL import Image
 
 from cli import assert_user_error, run_cli
 from data_pipeline import load_dataset
+from reference import load_model_keras, mobilenet_inputs
 from tuning import runtimes
 
 
@@ -36,24 +37,12 @@ def epoch_scalars(log_dir, tag):
     return [values[step] for step in sorted(values)]
 
 
-def preprocess(images, resolution):
-    """What the exported model must do to raw uint8 images, written out here independently:
-    gray → RGB, bilinear resize to the trained resolution, MobileNetV2's x / 127.5 - 1."""
-    rgb = np.repeat(images.astype(np.float32)[..., np.newaxis], 3, axis=-1)
-    resized = tf.image.resize(rgb, (resolution, resolution), method="bilinear").numpy()
-    return resized / 127.5 - 1.0
-
-
 def keras_probabilities(run_dir, images):
     """(plain, flip-averaged) probabilities of run/model.keras, preprocessed by this test."""
-    import keras
-
-    import hypermodel.schedules  # noqa: F401  (registers WarmupSchedule: model.keras's optimizer needs it)
-
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    model = load_model_keras(run_dir / "model.keras")
     resolution = json.loads((run_dir / "best_hparams.json").read_text())["hyperparameters"]["resolution"]
-    plain = model.predict(preprocess(images, resolution), verbose=0)
-    mirrored = model.predict(preprocess(images[:, :, ::-1], resolution), verbose=0)
+    plain = model.predict(mobilenet_inputs(images, resolution), verbose=0)
+    mirrored = model.predict(mobilenet_inputs(images[:, :, ::-1], resolution), verbose=0)
     return plain, (plain + mirrored) / 2
 
 

@@ -22,6 +22,7 @@ from hypermodel import training as training_module
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import FitToDeadline
 from hypermodel.space import SearchChoices, TrialConfig
+from reference import load_model_keras, mobilenet_inputs
 from tuning import retrain as retrain_module
 from tuning.export import serving_function
 from tuning.jobs import search_data
@@ -30,12 +31,6 @@ from tuning.settings import Settings
 from tuning.tuner import run_search
 
 PREFIX_NAME, TOP_NAME, SUFFIX_NAME = model_module.PREFIX_NAME, model_module.TOP_NAME, model_module.SUFFIX_NAME
-
-
-def preprocess(images, resolution):
-    """MobileNetV2's input, written out here: gray → RGB, bilinear resize, x / 127.5 - 1."""
-    rgb = np.repeat(np.asarray(images, np.float32)[..., np.newaxis], 3, axis=-1)
-    return tf.image.resize(rgb, (resolution, resolution), method="bilinear").numpy() / 127.5 - 1.0
 
 
 def snapshot(model):
@@ -227,11 +222,9 @@ def test_phase2_fills_the_time_left_before_the_job_deadline(searched, monkeypatc
 
     # Flip TTA: the decision agrees with validation accuracies computed here from the
     # saved model's own predictions (plain, and averaged with the mirrored images).
-    import hypermodel.schedules  # noqa: F401  (model.keras's optimizer uses WarmupSchedule)
-
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
-    plain = model.predict(preprocess(data.x_val, 32), verbose=0)
-    mirrored = model.predict(preprocess(data.x_val[:, :, ::-1], 32), verbose=0)
+    model = load_model_keras(run_dir / "model.keras")
+    plain = model.predict(mobilenet_inputs(data.x_val, 32), verbose=0)
+    mirrored = model.predict(mobilenet_inputs(data.x_val[:, :, ::-1], 32), verbose=0)
     plain_accuracy = np.mean(plain.argmax(1) == data.y_val)
     flip_accuracy = np.mean((plain + mirrored).argmax(1) == data.y_val)
     tta = metrics["tta"]
@@ -297,8 +290,8 @@ def test_flip_tta_export_averages_each_image_with_its_mirror():
         tta: serving_function(model, 48, preprocess_input, dataset.class_names, tta)(tf.constant(images))
         for tta in (False, True)
     }
-    plain = model.predict(preprocess(images, 48), verbose=0)
-    mirrored = model.predict(preprocess(images[:, :, ::-1], 48), verbose=0)
+    plain = model.predict(mobilenet_inputs(images, 48), verbose=0)
+    mirrored = model.predict(mobilenet_inputs(images[:, :, ::-1], 48), verbose=0)
     np.testing.assert_allclose(served[False]["probabilities"].numpy(), plain, atol=1e-5)
     np.testing.assert_allclose(served[True]["probabilities"].numpy(), (plain + mirrored) / 2, atol=1e-5)
     assert np.abs(plain - mirrored).max() > 1e-3  # the mirror really is a different input
@@ -316,10 +309,8 @@ def test_phase2_keeps_the_averaged_weights_it_validated_with_label_smoothing(sea
     phase2 = metrics["phase2"]
     assert (phase2["ema_momentum"], phase2["label_smoothing"], phase2["mode"]) == (0.9, 0.1, "end-to-end")
     assert "ema_momentum" not in metrics["phase1"]
-    import hypermodel.schedules  # noqa: F401  (model.keras's optimizer uses WarmupSchedule)
-
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
-    accuracy = np.mean(model.predict(preprocess(data.x_val, 32), verbose=0).argmax(1) == data.y_val)
+    model = load_model_keras(run_dir / "model.keras")
+    accuracy = np.mean(model.predict(mobilenet_inputs(data.x_val, 32), verbose=0).argmax(1) == data.y_val)
     assert accuracy == pytest.approx(phase2["best_val_accuracy"], abs=1.5 / len(data.y_val))
 
 

@@ -194,16 +194,32 @@ def test_a_trial_times_and_caches_with_one_traced_pass_when_its_search_has_head_
     np.testing.assert_allclose(predict(images), model(images, training=False), atol=1e-5)
 
 
-@pytest.mark.parametrize("batch_size, epochs, steps_per_execution", [(64, 2, 1), (8, 7, 32)])
+class BatchHooks(keras.callbacks.Callback):
+    """Counts the training-step hooks Keras calls: one per execution of the step function."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("batch_size, epochs, executions_per_epoch", [(64, 2, 5), (8, 7, 2)])
 def test_a_cached_head_runs_many_steps_per_execution_only_in_a_long_fit(data, batch_size, epochs,
-                                                                        steps_per_execution):
-    """10 steps do not earn back the multi-step loop's longer trace; 280 do."""
+                                                                        executions_per_epoch):
+    """10 steps do not earn back the multi-step loop's longer trace: each of the 5 steps of
+    an epoch is its own execution. 280 do: an epoch's 40 steps run in 2 executions
+    (Keras calls the batch hooks once per execution), and every step still trains."""
     cfg = config(unfrozen_blocks=0)
     model = build_transfer_model(cfg, 10)
-    _, mode = train(model, cfg, data, batch_size=batch_size, seed=0, epochs=epochs,
-                    feature_cache=FeatureCache(None, log=lambda m: None))
-    assert mode == "cached"
-    assert model.get_layer(TOP_NAME).steps_per_execution == steps_per_execution
+    hooks = BatchHooks()
+    history, mode = train(model, cfg, data, batch_size=batch_size, seed=0, epochs=epochs, callbacks=[hooks],
+                          feature_cache=FeatureCache(None, log=lambda m: None))
+    assert mode == "cached" and len(history.epoch) == epochs
+    assert hooks.calls == epochs * executions_per_epoch
+    steps = int(model.get_layer(TOP_NAME).optimizer.iterations.numpy())
+    assert steps == epochs * -(-len(data.x_train) // batch_size)
 
 
 @pytest.mark.parametrize("fraction, validations", [(0.3, 1), (1.0, 2)])
