@@ -35,17 +35,20 @@ class FitToDeadline(keras.callbacks.Callback):
             the first is measured (the first also traces the graphs: on a slow machine
             that can take longer than several short epochs).
         log: Where a changed estimate is reported.
+        clock: Returns the time in `deadline`'s seconds (`time.time` unless a test
+            controls it).
 
     Attributes:
         revisions: {"after_epoch", "epoch_s", "epochs"} for each change of the epochs
             that fit.
     """
 
-    def __init__(self, deadline, planned_epoch_s=None, log=print):
+    def __init__(self, deadline, planned_epoch_s=None, log=print, clock=time.time):
         super().__init__()
         self.deadline = deadline
         self.planned_epoch_s = planned_epoch_s
         self.log = log
+        self.clock = clock
         self.revisions = []
         self.epoch_started = None
 
@@ -55,10 +58,10 @@ class FitToDeadline(keras.callbacks.Callback):
         self.schedule = shims.learning_rate_schedule(self.model.optimizer)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_started = time.time()
+        self.epoch_started = self.clock()
 
     def on_epoch_end(self, epoch, logs=None):
-        now = time.time()
+        now = self.clock()
         took = now - self.epoch_started
         if epoch > 0 or self.planned_epoch_s is None:
             self.steady_s.append(took)

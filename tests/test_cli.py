@@ -1,6 +1,7 @@
 """The command line: every documented option is honoured wherever the help allows it,
 an option a command does not take is refused, and settings resolve from one table."""
 
+import json
 import os
 import re
 import shlex
@@ -12,7 +13,7 @@ import pytest
 from cli import ROOT, assert_user_error, free_port, run_cli
 from common.errors import UsageError
 from hypermodel.space import SearchChoices
-from tuning.cli import COMMANDS, options_of, parse, resolve_settings
+from tuning.cli import COMMANDS, dispatch, options_of, parse, resolve_settings
 from tuning.settings import BY_NAME, JOB, SETTINGS
 
 SUBSTITUTIONS = {'"$CHIEF"': "chief", "$CHIEF": "chief", '"$RUN"': "/shared/run", "$RUN": "/shared/run",
@@ -61,25 +62,150 @@ def test_every_readme_command_line_resolves_every_option_it_gives(argv, monkeypa
             assert resolved_value(settings, dest) == value, f"{argv}: {dest}"
 
 
-@pytest.mark.parametrize("command", [JOB, *COMMANDS])
-def test_every_option_in_help_is_honoured_before_and_after_the_command(command):
+# Each option a search records, written out here: (text given, its key in config.json's
+# settings, the value recorded). Values differ from every profile's.
+RECORDED = {
+    "--run-dir": ("results/r7", "run_dir", "results/r7"),
+    "--data": ("data/fashion-mnist", "data", "data/fashion-mnist"),
+    "-v": (None, "verbose", 1),
+    "--profile": ("smoke", "profile", "smoke"),
+    "--skip-bad-images": (None, "skip_bad_images", True),
+    "--image-budget": ("300", "image_budget_mb", 300),
+    "--overwrite": (None, "overwrite", True),
+    "--offline": (None, "offline", True),
+    "--seed": ("7", "seed", 7),
+    "--weights": ("none", "weights", "none"),
+    "--backbones": ("mobilenet_v2_0.5", "choices.backbones", ["mobilenet_v2_0.5"]),
+    "--resolutions": ("48,80", "choices.resolutions", [48, 80]),
+    "--unfrozen-blocks": ("1,3", "choices.unfrozen_blocks", [1, 3]),
+    "--learning-rate": ("2e-4,5e-3", "choices.learning_rate", [2e-4, 5e-3]),
+    "--tuner": ("bayesian", "tuner", "bayesian"),
+    "--max-epochs": ("5", "max_epochs", 5),
+    "--factor": ("4", "factor", 4),
+    "--workers": ("3", "workers", 3),
+    "--epoch-fraction": ("0.25", "epoch_fraction", 0.25),
+    "--hyperband-iterations": ("5", "hyperband_iterations", 5),
+    "--max-trials": ("13", "max_trials", 13),
+    "--time-budget": ("7m", "time_budget_s", 420),
+    "--batch-size": ("48", "batch_size", 48),
+    "--train-subset": ("1500", "train_subset", 1500),
+    "--val-subset": ("300", "val_subset", 300),
+    "--validation-fraction": ("0.15", "validation_fraction", 0.15),
+    "--no-feature-cache": (None, "feature_cache", False),
+    "--cache-budget": ("700", "cache_budget_mb", 700),
+    "--epochs": ("3", "epochs", 3),
+    "--job-time-budget": ("90m", "job_time_budget_s", 5400),
+    "--retrain-subset": ("3000", "retrain_subset", 3000),
+    "--label-smoothing": ("0.05", "label_smoothing", 0.05),
+    "--ema-momentum": ("0.99", "ema_momentum", 0.99),
+    "--formats": ("savedmodel,tflite", "formats", ["savedmodel", "tflite"]),
+    "--max-accuracy-drop": ("0.3", "max_accuracy_drop", 0.3),
+    "--max-latency-ms": ("15", "max_latency_ms", 15.0),
+    "--max-model-mb": ("6", "max_model_mb", 6.0),
+    "--distributed": ("chief", "distributed", "chief"),
+    "--oracle": ("127.0.0.1:8123", "oracle", "127.0.0.1:8123"),
+    "--worker-id": ("w1", "worker_id", "w1"),
+    "--worker-timeout": ("10m", "worker_timeout_s", 600),
+    "--strategy": ("mirrored", "strategy", "mirrored"),
+}
+RETRAINING = {"--run-dir", "-v", "--image-budget", "--no-feature-cache", "--cache-budget", "--epochs",
+              "--job-time-budget", "--retrain-subset", "--label-smoothing", "--ema-momentum"}
+EXPORTING = {"--run-dir", "--formats", "--max-accuracy-drop", "--max-latency-ms", "--max-model-mb"}
+# The options each command's --help documents, written out here (with --no-feature-cache,
+# its pair --feature-cache).
+DOCUMENTED = {
+    JOB: set(RECORDED),
+    "search": set(RECORDED) - (RETRAINING | EXPORTING) | {"--run-dir", "-v", "--image-budget", "--no-feature-cache",
+                                                          "--cache-budget", "--max-latency-ms", "--max-model-mb"},
+    "retrain": RETRAINING,
+    "export": EXPORTING,
+    "report": {"--run-dir"},
+    "predict": {"--model", "--output"},
+    "tensorboard": {"--run-dir", "--port", "--host"},
+    "data": {"--data", "--profile", "--skip-bad-images"},
+}
+# What else an option changes, by design: a profile sets many settings; a distributed
+# process is one worker.
+IMPLIED = {"--profile": None, "--distributed": {"workers"}}
+# What an option is only valid with, and what the run it is compared with then gives.
+NEEDS = {"--worker-id": (["--distributed", "worker"], ["--worker-id", "w0"])}
+
+
+def recorded_settings(argv):
+    """config.json's "settings" for `argv`, as a search would write them."""
+    return json.loads(json.dumps(resolve_settings(parse(argv).options).to_dict()))
+
+
+def flatten(settings):
+    return {**{k: v for k, v in settings.items() if k != "choices"},
+            **{f"choices.{k}": v for k, v in settings["choices"].items()}}
+
+
+@pytest.mark.parametrize("command", sorted(DOCUMENTED))
+def test_help_lists_exactly_the_documented_options(command):
     help_text = run_cli(*([] if command == JOB else [command]), "--help").stdout
-    listed = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+|-v)\b", help_text)) - {"--help", "--no-feature-cache"}
-    options = options_of(command)
-    assert listed == set(options.values()) | ({"--verbose"} if "verbose" in options else set()), command
-    for dest, flag in options.items():
-        setting = BY_NAME.get(dest)
-        value = [] if setting and setting.parse in ("count", "store_true", "switch") else [
-            (setting.example if setting else {"model": "export", "output": "out.csv", "port": "6007",
-                                              "host": "127.0.0.1"}[dest])]
-        positional = ["in.png"] if command == "predict" else []
-        required = ["--model", "export"] if command == "predict" and dest != "model" else []
-        name = [] if command == JOB else [command]
-        after = parse([*name, *required, flag, *value, *positional])
-        assert dest in after.options, f"{command} {flag}"
-        if command in (JOB, "search"):
-            before = parse([flag, *value, *name, *required, *positional])
-            assert before.options == after.options, f"{flag} before `{command}`"
+    listed = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+|-v)\b", help_text)) - {"--help", "--verbose"}
+    documented = DOCUMENTED[command] | ({"--feature-cache"} if "--no-feature-cache" in DOCUMENTED[command] else set())
+    assert listed == documented, (command, listed ^ documented)
+
+
+@pytest.mark.parametrize("command", [JOB, "search"])
+def test_every_search_option_is_recorded_in_config_json_before_or_after_the_command(command, monkeypatch):
+    """Each option, given before or after the command, sets its own setting in what the run
+    records (config.json) to the value written above, and nothing else."""
+    monkeypatch.setattr("tuning.profiles.default_profile_name", lambda: "cpu")
+    name = [] if command == JOB else [command]
+    for flag in sorted(DOCUMENTED[command]):
+        text, key, value = RECORDED[flag]
+        needs, instead = NEEDS.get(flag, ([], []))
+        baseline = flatten(recorded_settings([*name, "--run-dir", "results/r0", *needs, *instead]))
+        given = [*needs, flag] if text is None else [*needs, flag, text]
+        run_dir = [] if flag == "--run-dir" else ["--run-dir", "results/r0"]
+        for argv in ([*name, *run_dir, *given], [*given, *run_dir, *name]):
+            settings = flatten(recorded_settings(argv))
+            assert settings[key] == pytest.approx(value), argv
+            changed = {k for k in settings if settings[k] != baseline[k]}
+            if IMPLIED.get(flag, set()) is not None:
+                assert changed == {key} | IMPLIED.get(flag, set()), (argv, changed)
+
+
+class Recorded(Exception):
+    """Stops a command once it has recorded its settings, before any training or export."""
+
+
+@pytest.mark.parametrize("command", ["retrain", "export"])
+def test_retrain_and_export_record_every_option_in_config_json(command, tmp_path, monkeypatch):
+    """retrain and export take a run's recorded settings, changed where an option says so:
+    config.json then holds each option's value as written above, the rest as searched."""
+    import tuning.jobs
+    from data_pipeline import load_dataset
+    from tuning.run_dir import prepare_run_dir
+
+    monkeypatch.setattr("tuning.profiles.default_profile_name", lambda: "cpu")
+    run_dir = tmp_path / "run"
+    prepare_run_dir(resolve_settings(parse(["search", "--profile", "smoke", "--run-dir", str(run_dir)]).options),
+                    load_dataset())
+    (run_dir / "best_hparams.json").write_text(json.dumps({"trial_id": "0000", "val_accuracy": 0.8, "hyperparameters": {
+        "backbone": "mobilenet_v2_0.35", "resolution": 32, "unfrozen_blocks": 0, "pooling": "avg",
+        "dense_units": 64, "dropout": 0.0, "learning_rate": 1e-3, "lr_schedule": "constant", "warmup_epochs": 0,
+        "optimizer": "adam", "augmentation": "none"}}))
+    searched = flatten(json.loads((run_dir / "config.json").read_text())["settings"])
+
+    def recorded(*args, **kwargs):
+        raise Recorded
+
+    monkeypatch.setattr(tuning.jobs, "materialize", recorded)
+    argv = [command, "--run-dir", str(run_dir)]
+    for flag in sorted(DOCUMENTED[command] - {"--run-dir"}):
+        text = RECORDED[flag][0]
+        argv += [flag] if text is None else [flag, text]
+    with pytest.raises(Recorded):
+        dispatch(parse(argv))
+    settings = flatten(json.loads((run_dir / "config.json").read_text())["settings"])
+    expected = {RECORDED[flag][1]: RECORDED[flag][2] for flag in DOCUMENTED[command] - {"--run-dir"}}
+    assert {key: settings[key] for key in expected} == pytest.approx(expected)
+    assert {k: v for k, v in settings.items() if k not in expected} == {
+        k: v for k, v in searched.items() if k not in expected}
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -142,15 +142,17 @@ def test_one_pass_builds_every_cut_the_search_can_ask_for(data, tmp_path):
         np.testing.assert_array_equal(prefix_features(cache, model, cfg, data.x_val, "slice/val"), reference)
 
 
-def test_a_pass_leaves_out_the_cuts_over_half_the_budget(data):
+def test_a_pass_leaves_out_the_cuts_over_half_the_budget(data, tmp_path):
     own = config(unfrozen_blocks=0)
     model = build_transfer_model(own, 10)
     # At 32 px the stem cut (all 17 blocks unfrozen) is 16×16×8 per image, the top's 1×1×1280:
     # a budget just over the top's features, doubled, has no room for the stem's.
     budget_mb = 2 * FeatureCache.nbytes(model.get_layer(PREFIX_NAME), len(data.x_val)) * 1.1 / 2**20
-    built = []
-    cache = FeatureCache(None, budget_mb=budget_mb, log=built.append)
+    cache = FeatureCache(tmp_path, budget_mb=budget_mb, log=lambda m: None)
     cache.features(model.get_layer(PREFIX_NAME), data.x_val, source=own.backbone, resolution=32,
                    preprocess_input=get_backbone(own.backbone).preprocess_input, data_key="slice/val",
                    companions=lambda: prefixes_for(model, get_backbone(own.backbone), (0, 17)))
-    assert len(built) == 1 and "built out_relu" in built[0], built
+    # One cut was built and stored: the trial's own (its top's input), not the stem's.
+    (stored,) = [np.load(path) for path in tmp_path.glob("*.npy")]
+    assert stored.shape == (len(data.x_val), 1, 1, 1280), stored.shape
+    assert cache.builds == 1

@@ -11,6 +11,7 @@ from PIL import Image
 
 from cli import assert_user_error, run_cli
 from data_pipeline import load_dataset
+from reference import load_model_keras, mobilenet_inputs
 from tuning import runtimes
 
 
@@ -36,24 +37,12 @@ def epoch_scalars(log_dir, tag):
     return [values[step] for step in sorted(values)]
 
 
-def preprocess(images, resolution):
-    """What the exported model must do to raw uint8 images, written out here independently:
-    gray → RGB, bilinear resize to the trained resolution, MobileNetV2's x / 127.5 - 1."""
-    rgb = np.repeat(images.astype(np.float32)[..., np.newaxis], 3, axis=-1)
-    resized = tf.image.resize(rgb, (resolution, resolution), method="bilinear").numpy()
-    return resized / 127.5 - 1.0
-
-
 def keras_probabilities(run_dir, images):
     """(plain, flip-averaged) probabilities of run/model.keras, preprocessed by this test."""
-    import keras
-
-    import hypermodel.schedules  # noqa: F401  (registers WarmupSchedule: model.keras's optimizer needs it)
-
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    model = load_model_keras(run_dir / "model.keras")
     resolution = json.loads((run_dir / "best_hparams.json").read_text())["hyperparameters"]["resolution"]
-    plain = model.predict(preprocess(images, resolution), verbose=0)
-    mirrored = model.predict(preprocess(images[:, :, ::-1], resolution), verbose=0)
+    plain = model.predict(mobilenet_inputs(images, resolution), verbose=0)
+    mirrored = model.predict(mobilenet_inputs(images[:, :, ::-1], resolution), verbose=0)
     return plain, (plain + mirrored) / 2
 
 
@@ -132,16 +121,26 @@ def test_reloaded_saved_model_matches_model_keras_on_fresh_images(job):
 
 
 def test_saved_model_cli_run_on_npy(job, tmp_path):
+    """TensorFlow's own CLI runs the export on a .npy batch: the outputs it writes are the
+    signature's, for those images."""
     run_dir, _ = job
     images = load_dataset().x_test[:4]
     np.save(tmp_path / "x.npy", images)
     result = subprocess.run(
         ["saved_model_cli", "run", "--dir", str(run_dir / "export"), "--tag_set", "serve",
-         "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'x.npy'}"],
+         "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'x.npy'}",
+         "--outdir", str(tmp_path / "out")],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "probabilities" in result.stdout and "class_name" in result.stdout
+    expected = tf.saved_model.load(str(run_dir / "export")).signatures["serving_default"](images=tf.constant(images))
+    probabilities = np.load(tmp_path / "out" / "probabilities.npy")
+    assert probabilities.shape == (4, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probabilities, expected["probabilities"].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "class_id.npy"), probabilities.argmax(axis=1))
+    names = np.load(tmp_path / "out" / "class_name.npy", allow_pickle=True)
+    assert [bytes(n).decode() for n in names] == [n.decode() for n in expected["class_name"].numpy()]
 
 
 def test_predict_png_and_csv_output(job, tmp_path):
@@ -331,8 +330,8 @@ FORMATS = ["savedmodel", "tflite", "tflite-fp16", "tflite-int8"]
 TFLITE_FILES = {"tflite": "model.tflite", "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite"}
 
 
-def litert_accuracy(path, images, labels):
-    """Test accuracy of a .tflite file, run here on the LiteRT interpreter directly."""
+def litert_classes(path, images):
+    """The class a .tflite file gives each image, run here on the LiteRT interpreter directly."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path))
@@ -347,7 +346,7 @@ def litert_accuracy(path, images, labels):
         interpreter.set_tensor(source["index"], batch)
         interpreter.invoke()
         predicted.append(interpreter.get_tensor(output["index"]).argmax(axis=1))
-    return float(np.mean(np.concatenate(predicted) == labels))
+    return np.concatenate(predicted)
 
 
 def test_a_latency_process_that_cannot_load_its_artifact_fails_the_measurement_with_its_error(tmp_path):
@@ -367,24 +366,37 @@ def test_every_format_is_exported_and_scored_by_its_own_runtime(job):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert list(exports) == FORMATS and metrics["exports"] == exports
     dataset = load_dataset()
+    classes = {}
     for fmt, name in TFLITE_FILES.items():
         path = run_dir / "export" / name
         record = exports[fmt]
         assert record["path"] == str(path) and record["size_kb"] == pytest.approx(path.stat().st_size / 1024, abs=0.1)
         assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-        assert record["test_accuracy"] == pytest.approx(litert_accuracy(path, dataset.x_test, dataset.y_test), abs=1e-9)
+        classes[fmt] = litert_classes(path, dataset.x_test)
     serve = tf.saved_model.load(str(run_dir / "export")).signatures["serving_default"]
-    class_ids = np.concatenate([serve(images=tf.constant(dataset.x_test[i : i + 1000]))["class_id"].numpy()
-                                for i in range(0, 10000, 1000)])
-    assert exports["savedmodel"]["test_accuracy"] == pytest.approx(np.mean(class_ids == dataset.y_test), abs=1e-9)
+    classes["savedmodel"] = np.concatenate([serve(images=tf.constant(dataset.x_test[i : i + 1000]))["class_id"].numpy()
+                                            for i in range(0, 10000, 1000)])
+    # The SavedModel is model.keras (test_reloaded_saved_model_matches_model_keras_on_fresh_images):
+    # its accuracy here is the retrain's test accuracy, up to near ties the kernels may flip.
+    keras_accuracy = metrics["test_accuracy"]
+    assert np.mean(classes["savedmodel"] == dataset.y_test) == pytest.approx(keras_accuracy, abs=0.001)
+    max_drop_pp = json.loads((run_dir / "config.json").read_text())["settings"]["max_accuracy_drop"]
     for fmt, record in exports.items():
-        assert record["drop_pp"] == pytest.approx((metrics["test_accuracy"] - record["test_accuracy"]) * 100, abs=1e-3)
+        accuracy = np.mean(classes[fmt] == dataset.y_test)
+        assert record["test_accuracy"] == pytest.approx(accuracy, abs=1e-9), fmt
+        assert record["drop_pp"] == pytest.approx((keras_accuracy - accuracy) * 100, abs=1e-3), fmt
         for threads in ("1_thread", "all_threads"):
             assert 0 < record[f"latency_ms_p50_{threads}"] <= record[f"latency_ms_p95_{threads}"]
-        assert record["status"] == ("rejected" if record["drop_pp"] > 1.0 else "ok"), record
         assert f"  {fmt} " in result.stdout
-    # Float conversions keep the Keras model's accuracy; float16 and int8 shrink the file.
-    assert abs(exports["tflite"]["drop_pp"]) <= 0.05 and abs(exports["tflite-fp16"]["drop_pp"]) <= 0.1
+    # Float conversions keep the Keras model's predictions: float32 flips only near ties
+    # (other kernels sum in another order), float16 rounds weights and activations to 11
+    # significant bits, which flips a few more on any CPU kind. Both ship.
+    assert np.mean(classes["tflite"] == classes["savedmodel"]) >= 0.998
+    assert np.mean(classes["tflite-fp16"] == classes["tflite"]) >= 0.995
+    for fmt in ("savedmodel", "tflite", "tflite-fp16"):
+        assert exports[fmt]["drop_pp"] <= max_drop_pp and exports[fmt]["status"] == "ok", exports[fmt]
+    int8_drop_pp = (keras_accuracy - np.mean(classes["tflite-int8"] == dataset.y_test)) * 100
+    assert (exports["tflite-int8"]["status"] == "rejected") == (int8_drop_pp > max_drop_pp), exports["tflite-int8"]
     assert exports["tflite-fp16"]["size_kb"] < 0.6 * exports["tflite"]["size_kb"]
     assert exports["tflite-int8"]["size_kb"] < 0.4 * exports["tflite"]["size_kb"]
     # The int8 file's top was fine-tuned on the int8 prefix's features, judged on validation.

@@ -20,7 +20,9 @@ from data_pipeline.feature_cache import FeatureCache
 from hypermodel import model as model_module
 from hypermodel import training as training_module
 from hypermodel.backbones import get_backbone
+from hypermodel.callbacks import FitToDeadline
 from hypermodel.space import SearchChoices, TrialConfig
+from reference import load_model_keras, mobilenet_inputs
 from tuning import retrain as retrain_module
 from tuning.export import serving_function
 from tuning.jobs import search_data
@@ -29,12 +31,6 @@ from tuning.settings import Settings
 from tuning.tuner import run_search
 
 PREFIX_NAME, TOP_NAME, SUFFIX_NAME = model_module.PREFIX_NAME, model_module.TOP_NAME, model_module.SUFFIX_NAME
-
-
-def preprocess(images, resolution):
-    """MobileNetV2's input, written out here: gray → RGB, bilinear resize, x / 127.5 - 1."""
-    rgb = np.repeat(np.asarray(images, np.float32)[..., np.newaxis], 3, axis=-1)
-    return tf.image.resize(rgb, (resolution, resolution), method="bilinear").numpy() / 127.5 - 1.0
 
 
 def snapshot(model):
@@ -164,37 +160,71 @@ def test_test_split_is_read_only_by_the_final_evaluation(searched, monkeypatch):
     assert evaluation["calls"] == 1
 
 
+class RecordingFitToDeadline(FitToDeadline):
+    """FitToDeadline as the retrain builds it, recording each epoch's decision: the time,
+    and whether it let another epoch start."""
+
+    built = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decisions = []
+        RecordingFitToDeadline.built.append(self)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self.decisions.append({"now": self.clock(), "started": self.epoch_started,
+                               "stopped": bool(self.model.stop_training), "epochs": self.epochs})
+
+
 def test_phase2_fills_the_time_left_before_the_job_deadline(searched, monkeypatch):
-    """With a deadline, phase 2 trains for most of the time left and ends on time."""
+    """With a deadline, phase 2 is planned to fill the time left before it (less the
+    reserve for test and export) and is stopped by FitToDeadline, not by the settings'
+    epochs. Asserted on the decisions, not on wall seconds: a loaded machine changes how
+    many epochs fit, not whether each was judged to fit."""
     settings, dataset, run_dir, searched_rate = searched
     settings = dataclasses.replace(settings, retrain_augmentation="flip_shift_erase", phase2_lr_factor=0.5)
     phases = []
     monkeypatch.setattr(retrain_module, "train", recording_train(phases, retrain_module.train))
+    plans = []
+
+    def recording_epochs_that_fit(finish_by, *args, **kwargs):
+        plans.append((finish_by, training_module.epochs_that_fit(finish_by, *args, **kwargs)))
+        return plans[-1][1]
+
+    monkeypatch.setattr(retrain_module, "epochs_that_fit", recording_epochs_that_fit)
+    RecordingFitToDeadline.built.clear()
+    monkeypatch.setattr(retrain_module, "FitToDeadline", RecordingFitToDeadline)
     data = search_data(dataset, settings)
-    # Phase 2's own deadline; the job's adds the reserve for test and export. Phase 1 took
-    # 25 s of it late in a full test run on a 2-core AVX2-only machine.
     finish_by = time.time() + 40
     metrics = retrain_module.retrain(run_dir, settings, dataset, data,
                                      deadline=finish_by + retrain_module.FINISH_RESERVE_S, log=lambda m: None)
     assert len(phases) == 2
-    phase2 = phases[1]
-    window = finish_by - phase2["started"]
-    assert window > 5, "phase 1 took the whole window: the test's 40 s are too short for this machine"
-    assert phase2["ended"] <= finish_by + 3  # on time (the last epoch of 400 images at 32 px takes ~1 s)
-    assert phase2["ended"] - phase2["started"] >= window / 3  # and it used the time it had
-    assert metrics["phase2"]["epochs"] >= 3  # several epochs fit in ~20 s at this size
-    assert len(metrics["phase2"]["history"]["loss"]) == metrics["phase2"]["epochs"]
+    # Phase 2 alone is fitted to the job's deadline less the reserve, planned from its own timing.
+    ((planned_for, plan),) = plans
+    (callback,) = RecordingFitToDeadline.built
+    assert planned_for == callback.deadline == pytest.approx(finish_by)
+    assert callback.planned_epoch_s == plan.epoch_s
+    # As many epochs as fit in the time left (at least one), by the plan's own estimate.
+    assert plan.epochs == 1 or plan.epochs * plan.epoch_s <= plan.seconds_left
+    assert (plan.epochs + 1) * plan.epoch_s > plan.seconds_left
+    assert metrics["phase2"]["plan"]["epochs"] == plan.epochs
+    # It ran the planned epochs, or fewer exactly where the callback saw the next one overrun.
+    epochs = metrics["phase2"]["epochs"]
+    assert len(callback.decisions) == epochs == len(metrics["phase2"]["history"]["loss"])
+    assert epochs == plan.epochs or callback.decisions[-1]["stopped"]
+    for decision in callback.decisions[:-1]:  # each later epoch started before the deadline
+        assert not decision["stopped"] and decision["now"] < finish_by, callback.decisions
+    assert all(d["started"] < finish_by for d in callback.decisions[1:]), callback.decisions
     assert metrics["phase1"]["augmentation"] == "none" and metrics["phase2"]["augmentation"] == "flip_shift_erase"
     assert phases[0]["learning_rate"] == pytest.approx(searched_rate, rel=1e-5)
-    assert phase2["learning_rate"] == pytest.approx(searched_rate / 2, rel=1e-5)
+    assert phases[1]["learning_rate"] == pytest.approx(searched_rate / 2, rel=1e-5)
 
     # Flip TTA: the decision agrees with validation accuracies computed here from the
     # saved model's own predictions (plain, and averaged with the mirrored images).
-    import hypermodel.schedules  # noqa: F401  (model.keras's optimizer uses WarmupSchedule)
-
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
-    plain = model.predict(preprocess(data.x_val, 32), verbose=0)
-    mirrored = model.predict(preprocess(data.x_val[:, :, ::-1], 32), verbose=0)
+    model = load_model_keras(run_dir / "model.keras")
+    plain = model.predict(mobilenet_inputs(data.x_val, 32), verbose=0)
+    mirrored = model.predict(mobilenet_inputs(data.x_val[:, :, ::-1], 32), verbose=0)
     plain_accuracy = np.mean(plain.argmax(1) == data.y_val)
     flip_accuracy = np.mean((plain + mirrored).argmax(1) == data.y_val)
     tta = metrics["tta"]
@@ -241,10 +271,13 @@ def test_epochs_that_fit_matches_a_timed_epoch_and_leaves_the_weights_untouched(
               validation_data=make_dataset(data.x_val, data.y_val, 32, preprocess_input, 50),
               epochs=4, callbacks=[timer], verbose=0, shuffle=False)
     measured = float(np.median(timer.seconds[1:]))  # the first epoch also traces the graphs
-    assert 0.5 <= epoch_s / measured <= 2.0, (epoch_s, timer.seconds)
-    # The planned epochs would really take between half and all of the 120 s (and never 0 epochs).
+    # Within a factor 3, which holds while other processes share the 2 cores between the
+    # timing and these epochs; a plan that missed a part of the epoch (validation, the
+    # per-step time × steps) is off by more. FitToDeadline corrects the rest as epochs end.
+    assert 1 / 3 <= epoch_s / measured <= 3, (epoch_s, timer.seconds)
+    # The planned epochs would really take about the 120 s (and never 0 epochs).
     assert epochs >= 1
-    assert 60 <= epochs * measured <= 120 * 1.5, (epochs, measured)
+    assert 120 / 3 <= (epochs + 1) * measured and epochs * measured <= 120 * 3, (epochs, measured)
 
 
 def test_flip_tta_export_averages_each_image_with_its_mirror():
@@ -257,8 +290,8 @@ def test_flip_tta_export_averages_each_image_with_its_mirror():
         tta: serving_function(model, 48, preprocess_input, dataset.class_names, tta)(tf.constant(images))
         for tta in (False, True)
     }
-    plain = model.predict(preprocess(images, 48), verbose=0)
-    mirrored = model.predict(preprocess(images[:, :, ::-1], 48), verbose=0)
+    plain = model.predict(mobilenet_inputs(images, 48), verbose=0)
+    mirrored = model.predict(mobilenet_inputs(images[:, :, ::-1], 48), verbose=0)
     np.testing.assert_allclose(served[False]["probabilities"].numpy(), plain, atol=1e-5)
     np.testing.assert_allclose(served[True]["probabilities"].numpy(), (plain + mirrored) / 2, atol=1e-5)
     assert np.abs(plain - mirrored).max() > 1e-3  # the mirror really is a different input
@@ -276,10 +309,8 @@ def test_phase2_keeps_the_averaged_weights_it_validated_with_label_smoothing(sea
     phase2 = metrics["phase2"]
     assert (phase2["ema_momentum"], phase2["label_smoothing"], phase2["mode"]) == (0.9, 0.1, "end-to-end")
     assert "ema_momentum" not in metrics["phase1"]
-    import hypermodel.schedules  # noqa: F401  (model.keras's optimizer uses WarmupSchedule)
-
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
-    accuracy = np.mean(model.predict(preprocess(data.x_val, 32), verbose=0).argmax(1) == data.y_val)
+    model = load_model_keras(run_dir / "model.keras")
+    accuracy = np.mean(model.predict(mobilenet_inputs(data.x_val, 32), verbose=0).argmax(1) == data.y_val)
     assert accuracy == pytest.approx(phase2["best_val_accuracy"], abs=1.5 / len(data.y_val))
 
 

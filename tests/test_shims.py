@@ -174,9 +174,19 @@ def test_keras_tuner_hands_fit_a_save_best_epoch_whose_filepath_is_read_when_sav
     assert checkpoint.filepath.endswith(".weights.h5") and Path(checkpoint.filepath).is_file()
 
     redirected = tmp_path / "redirected.weights.h5"
+    first = Path(checkpoint.filepath)
+    saved_by_the_trial = first.read_bytes()
+    trained = checkpoint.model
+    trained.layers[-1].bias.assign([0.25, -0.25])  # weights no earlier save held
     checkpoint.filepath = str(redirected)
     checkpoint.on_epoch_end(1, {"val_loss": -1.0})  # better than any epoch so far: saves
-    assert redirected.is_file()
+    # The save went to the new path (the old file is untouched) and holds the model's
+    # weights as they are now.
+    assert first.read_bytes() == saved_by_the_trial
+    restored = keras.models.clone_model(trained)
+    restored.load_weights(redirected)
+    for got, expected in zip(restored.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(got, expected)
 
 
 # 3. route_keras_tuner_json_writes --------------------------------------------------------

@@ -1,7 +1,6 @@
 """The training loop's search-time behaviour: partial-pass epochs, best-epoch checkpoints, footprints."""
 
 import dataclasses
-import time
 
 import keras
 import keras_tuner as kt
@@ -195,16 +194,32 @@ def test_a_trial_times_and_caches_with_one_traced_pass_when_its_search_has_head_
     np.testing.assert_allclose(predict(images), model(images, training=False), atol=1e-5)
 
 
-@pytest.mark.parametrize("batch_size, epochs, steps_per_execution", [(64, 2, 1), (8, 7, 32)])
+class BatchHooks(keras.callbacks.Callback):
+    """Counts the training-step hooks Keras calls: one per execution of the step function."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("batch_size, epochs, executions_per_epoch", [(64, 2, 5), (8, 7, 2)])
 def test_a_cached_head_runs_many_steps_per_execution_only_in_a_long_fit(data, batch_size, epochs,
-                                                                        steps_per_execution):
-    """10 steps do not earn back the multi-step loop's longer trace; 280 do."""
+                                                                        executions_per_epoch):
+    """10 steps do not earn back the multi-step loop's longer trace: each of the 5 steps of
+    an epoch is its own execution. 280 do: an epoch's 40 steps run in 2 executions
+    (Keras calls the batch hooks once per execution), and every step still trains."""
     cfg = config(unfrozen_blocks=0)
     model = build_transfer_model(cfg, 10)
-    _, mode = train(model, cfg, data, batch_size=batch_size, seed=0, epochs=epochs,
-                    feature_cache=FeatureCache(None, log=lambda m: None))
-    assert mode == "cached"
-    assert model.get_layer(TOP_NAME).steps_per_execution == steps_per_execution
+    hooks = BatchHooks()
+    history, mode = train(model, cfg, data, batch_size=batch_size, seed=0, epochs=epochs, callbacks=[hooks],
+                          feature_cache=FeatureCache(None, log=lambda m: None))
+    assert mode == "cached" and len(history.epoch) == epochs
+    assert hooks.calls == epochs * executions_per_epoch
+    steps = int(model.get_layer(TOP_NAME).optimizer.iterations.numpy())
+    assert steps == epochs * -(-len(data.x_train) // batch_size)
 
 
 @pytest.mark.parametrize("fraction, validations", [(0.3, 1), (1.0, 2)])
@@ -230,54 +245,69 @@ def test_a_hyperband_round_of_part_passes_is_validated_once_at_its_end(data, fra
         assert history.best_epoch == 3
 
 
-class SlowFirstEpoch(keras.callbacks.Callback):
-    """Makes the first epoch as slow as tracing a backbone's graphs is on a slow machine."""
+class Clock:
+    """A controlled `time.time()` for FitToDeadline: epochs take the seconds a test says,
+    however fast or loaded the machine is."""
 
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == 0:
-            time.sleep(1.5)
+    def __init__(self):
+        self.now = 1000.0
 
-
-@pytest.mark.parametrize("planned_epoch_s, expected", [(None, "one epoch"), (0.05, "several")])
-def test_the_deadline_judges_the_next_epoch_by_the_plan_not_by_the_traced_first_one(planned_epoch_s, expected):
-    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
-    y = (x[:, 0] > 0).astype("int32")
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    model.fit(x, y, epochs=1, verbose=0)  # traces the step, which a slow machine would count in the first epoch
-    deadline = time.time() + 2.5
-    history = model.fit(x, y, epochs=1000, verbose=0,
-                        callbacks=[FitToDeadline(deadline, planned_epoch_s=planned_epoch_s), SlowFirstEpoch()])
-    assert time.time() <= deadline + 0.5
-    if expected == "one epoch":  # the slow first epoch alone says another would overrun
-        assert len(history.epoch) == 1
-    else:  # the plan's steady epochs keep it training until the deadline
-        assert len(history.epoch) > 3
+    def __call__(self):
+        return self.now
 
 
-class SlowEpochs(keras.callbacks.Callback):
-    """Each epoch takes half a second: slower than the plan below says, as real epochs
-    run slower than a few timed steps."""
+class EpochsTake(keras.callbacks.Callback):
+    """Advances `clock` by `seconds(epoch)` at the end of each epoch (placed before
+    FitToDeadline, which then sees the epoch as that long)."""
+
+    def __init__(self, clock, seconds):
+        super().__init__()
+        self.clock = clock
+        self.seconds = seconds
 
     def on_epoch_end(self, epoch, logs=None):
-        time.sleep(0.5)
+        self.clock.now += self.seconds(epoch)
+
+
+def tiny_model():
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")]), x, y
+
+
+@pytest.mark.parametrize("planned_epoch_s, expected_epochs", [(None, 1), (0.0625, 17)])
+def test_the_deadline_judges_the_next_epoch_by_the_plan_not_by_the_traced_first_one(planned_epoch_s,
+                                                                                   expected_epochs):
+    """The first epoch takes 1.5 s (tracing a backbone's graphs on a slow machine), the
+    others 1/16 s, as planned; the deadline is 2.5 s away. Judged by the first epoch, a
+    second one would overrun; judged by the plan, 16 more fit: 1.5 + 16 / 16 = 2.5."""
+    model, x, y = tiny_model()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    clock = Clock()
+    deadline = clock.now + 2.5
+    history = model.fit(x, y, epochs=1000, verbose=0, callbacks=[
+        EpochsTake(clock, lambda epoch: 1.5 if epoch == 0 else 0.0625),
+        FitToDeadline(deadline, planned_epoch_s=planned_epoch_s, clock=clock)])
+    assert len(history.epoch) == expected_epochs
+    assert clock.now <= deadline
 
 
 def test_epochs_slower_than_planned_still_end_by_the_deadline_with_the_decay_finished():
-    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
-    y = (x[:, 0] > 0).astype("int32")
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    """Planned at 0.15 s an epoch, epochs take 0.5 s (real epochs run slower than a few
+    timed steps): of 12 planned epochs, the 6 that fit in 3 s run, and the cosine decay
+    ends with the sixth."""
+    model, x, y = tiny_model()
     cosine = TrialConfig("mobilenet_v2_0.35", 32, 0, "avg", 64, 0.0, 1e-2, "cosine", 0, "adam", "none")
     planned_epochs = 12
     compile_for_training(model, cosine, steps_per_epoch=2, epochs=planned_epochs)
-    deadline = time.time() + 3.0
+    clock = Clock()
+    deadline = clock.now + 3.0
     lines = []
-    fit_to_deadline = FitToDeadline(deadline, planned_epoch_s=0.15, log=lines.append)  # the plan: 0.15 s an epoch
+    fit_to_deadline = FitToDeadline(deadline, planned_epoch_s=0.15, log=lines.append, clock=clock)
     history = model.fit(x, y, batch_size=32, epochs=planned_epochs, verbose=0, shuffle=False,
-                        callbacks=[SlowEpochs(), fit_to_deadline])
-    assert time.time() <= deadline + 0.3
-    assert 2 <= len(history.epoch) < planned_epochs
+                        callbacks=[EpochsTake(clock, lambda epoch: 0.5), fit_to_deadline])
+    assert len(history.epoch) == 6 and clock.now == deadline
     # The decay ended with the last epoch that ran, not at the planned twelfth.
     assert float(model.optimizer.learning_rate) <= 0.02 * 1e-2
-    assert fit_to_deadline.revisions[-1]["epochs"] == len(history.epoch)
+    assert fit_to_deadline.revisions[-1]["epochs"] == 6
     assert any("epochs fit before the deadline" in line for line in lines)
