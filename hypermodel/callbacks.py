@@ -5,6 +5,7 @@ import time
 
 import keras
 import keras_tuner as kt
+import numpy as np
 
 from common import atomic, shims
 
@@ -22,12 +23,14 @@ class FitToDeadline(keras.callbacks.Callback):
     """Ends a time-fitted run by `deadline`, with its learning-rate decay ending too.
 
     `epochs_that_fit` plans the epochs from a few timed steps; whole epochs can run
-    slower (6-35 % on a 2-core machine: the input pipeline and validation compete for the
-    cores, a shared machine's speed drifts), and a deadline that cuts the last planned
-    epochs leaves a cosine decay unfinished. After each epoch this estimates the epochs
-    that fit from the epochs measured so far, stops before one would end past the
-    deadline, and moves the end of the schedule's decay (`WarmupSchedule.end_at`) to the
-    last epoch that fits, never past the planned ones.
+    slower or faster (6-35 % on a 2-core machine: the input pipeline and validation
+    compete for the cores, a shared machine's speed drifts), and a deadline that cuts the
+    last planned epochs leaves a cosine decay unfinished. After each epoch this estimates
+    the epochs that fit from the median of the recent epochs (one slow epoch does not
+    cut the plan, and the estimate recovers when epochs speed up again, never past the
+    planned epochs), moves the end of the schedule's decay (`WarmupSchedule.end_at`) to
+    the last epoch that fits, and stops when the next epoch, as slow as the slower of
+    that median and the last epoch, would end past the deadline.
 
     Args:
         deadline: A `time.time()`.
@@ -37,24 +40,26 @@ class FitToDeadline(keras.callbacks.Callback):
         log: Where a changed estimate is reported.
         clock: Returns the time in `deadline`'s seconds (`time.time` unless a test
             controls it).
+        recent: Epochs the median is taken over.
 
     Attributes:
         revisions: {"after_epoch", "epoch_s", "epochs"} for each change of the epochs
             that fit.
     """
 
-    def __init__(self, deadline, planned_epoch_s=None, log=print, clock=time.time):
+    def __init__(self, deadline, planned_epoch_s=None, log=print, clock=time.time, recent=5):
         super().__init__()
         self.deadline = deadline
         self.planned_epoch_s = planned_epoch_s
         self.log = log
         self.clock = clock
+        self.recent = recent
         self.revisions = []
         self.epoch_started = None
 
     def on_train_begin(self, logs=None):
         self.steady_s = []
-        self.epochs = self.params["epochs"]
+        self.planned = self.epochs = self.params["epochs"]
         self.schedule = shims.learning_rate_schedule(self.model.optimizer)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -65,13 +70,12 @@ class FitToDeadline(keras.callbacks.Callback):
         took = now - self.epoch_started
         if epoch > 0 or self.planned_epoch_s is None:
             self.steady_s.append(took)
-        # The slower of the mean and the last epoch: steady, yet quick to see a slow-down.
-        epoch_s = max(sum(self.steady_s) / len(self.steady_s), self.steady_s[-1]) if self.steady_s \
-            else self.planned_epoch_s
-        # Never more than an earlier estimate: a decay moved out again would rise again.
-        fit = min(self.epochs, epoch + 1 + int(max(0.0, self.deadline - now) // epoch_s))
-        if fit <= epoch + 1:
+        epoch_s = float(np.median(self.steady_s[-self.recent:])) if self.steady_s else self.planned_epoch_s
+        left = max(0.0, self.deadline - now)
+        last_s = self.steady_s[-1] if self.steady_s else epoch_s
+        if left < max(epoch_s, last_s):
             self.model.stop_training = True
+        fit = max(epoch + 1, min(self.planned, epoch + 1 + int(left // epoch_s)))
         if fit == self.epochs:
             return
         self.epochs = fit

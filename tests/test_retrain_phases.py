@@ -198,7 +198,7 @@ def test_phase2_fills_the_time_left_before_the_job_deadline(searched, monkeypatc
     data = search_data(dataset, settings)
     finish_by = time.time() + 40
     metrics = retrain_module.retrain(run_dir, settings, dataset, data,
-                                     deadline=finish_by + retrain_module.FINISH_RESERVE_S, log=lambda m: None)
+                                     deadline=finish_by + retrain_module.finish_reserve_s(len(dataset.y_test)), log=lambda m: None)
     assert len(phases) == 2
     # Phase 2 alone is fitted to the job's deadline less the reserve, planned from its own timing.
     ((planned_for, plan),) = plans

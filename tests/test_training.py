@@ -311,3 +311,20 @@ def test_epochs_slower_than_planned_still_end_by_the_deadline_with_the_decay_fin
     assert float(model.optimizer.learning_rate) <= 0.02 * 1e-2
     assert fit_to_deadline.revisions[-1]["epochs"] == 6
     assert any("epochs fit before the deadline" in line for line in lines)
+
+
+def test_one_slow_epoch_does_not_cut_the_plan_and_the_estimate_recovers():
+    """30 epochs planned at 1 s fill a 30.5 s deadline; the third takes 1.6 s (the machine
+    was busy), the rest 1 s. A mean or last-epoch estimate would cut the run to 19 epochs;
+    the median of the recent epochs keeps 29 (the time lost is one epoch's worth), and the
+    decay ends with the last of them."""
+    model, x, y = tiny_model()
+    cosine = TrialConfig("mobilenet_v2_0.35", 32, 0, "avg", 64, 0.0, 1e-2, "cosine", 0, "adam", "none")
+    compile_for_training(model, cosine, steps_per_epoch=2, epochs=30)
+    clock = Clock()
+    deadline = clock.now + 30.5
+    fit_to_deadline = FitToDeadline(deadline, planned_epoch_s=1.0, log=lambda _: None, clock=clock)
+    history = model.fit(x, y, batch_size=32, epochs=30, verbose=0, shuffle=False, callbacks=[
+        EpochsTake(clock, lambda epoch: 1.6 if epoch == 2 else 1.0), fit_to_deadline])
+    assert len(history.epoch) == 29 and clock.now <= deadline
+    assert float(model.optimizer.learning_rate) <= 0.02 * 1e-2

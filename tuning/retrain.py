@@ -33,8 +33,17 @@ from hypermodel.training import epochs_that_fit, train
 from tuning import report
 
 # After phase 2: TTA check, test evaluation, the exports (converted, the int8 top tuned, each
-# scored and timed: ~170 s on the default job), report.
-FINISH_RESERVE_S = 330
+# scored on the test split and timed), report. Most of it scales with the test split: the
+# default job's 10 000 test images took ~170 s of exports (RESULTS.md §8); the rest is
+# fixed (the latency processes, conversions).
+FINISH_FIXED_S = 60
+FINISH_S_PER_TEST_IMAGE = 0.027
+
+
+def finish_reserve_s(test_images):
+    """Seconds to keep after phase 2 for the test evaluation, the exports and the report."""
+    return round(FINISH_FIXED_S + FINISH_S_PER_TEST_IMAGE * test_images)
+
 # A phase trains on at least this many images, however small the dataset: on 300 images
 # a pass is 5 steps, which teaches a new head nothing.
 PHASE_MIN_IMAGES = 20_000
@@ -72,7 +81,7 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         dataset: The `Dataset` (its test split is read here, once, at the end).
         data: `TrainingData` for the retrain (train + validation).
         deadline: `time.time()` by which the whole job should end; phase 2 then gets as
-            many epochs as fit before it (less `FINISH_RESERVE_S` for test and export).
+            many epochs as fit before it (less `finish_reserve_s` for test and export).
 
     Returns:
         The metrics dict written to metrics.json.
@@ -111,11 +120,12 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
             regularisation = dict(label_smoothing=settings.label_smoothing, ema_momentum=settings.ema_momentum)
         plan = {}
         if epochs_ is None:  # phase 2 fitted to the job's deadline
-            finish_by = deadline - FINISH_RESERVE_S
+            reserve = finish_reserve_s(len(dataset.y_test))
+            finish_by = deadline - reserve
             fitted = epochs_that_fit(finish_by, model, phase_config, data, settings.batch_size, settings.seed,
                                      **regularisation)
             epochs_ = min(fitted.epochs, lengths.phase2_cap or fitted.epochs)
-            plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": FINISH_RESERVE_S,
+            plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": reserve,
                              "cap": lengths.phase2_cap, "cap_reason": lengths.phase2_cap_reason}}
             fit_to_deadline = FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=log)
             callbacks.append(fit_to_deadline)
@@ -125,7 +135,7 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
                 # early on), keep the best.
                 patience = epochs_
             log(f"  phase2 plan, timed on this machine: {fitted.reasoning()} before the job's deadline "
-                f"(less {FINISH_RESERVE_S} s for test and export)"
+                f"(less {reserve} s for test and export)"
                 + (f"; {epochs_} epochs, stopping after {patience} without progress" if lengths.phase2_cap else ""))
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=monitored(settings.objective), mode="max", patience=patience, restore_best_weights=True,
