@@ -117,6 +117,17 @@ def training_data(dataset, validation_fraction=0.1, seed=0, train_subset=None, v
     )
 
 
+def with_validation_merged(data):
+    """`data` whose training images include its validation images (a final refit);
+    the validation images stay as its validation split."""
+    if hasattr(data.x_train, "rows"):  # `StoredImages` of one store
+        x_train = type(data.x_train)(data.x_train.store, np.concatenate([data.x_train.rows, data.x_val.rows]))
+    else:
+        x_train = np.concatenate([np.asarray(data.x_train), np.asarray(data.x_val)])
+    return dataclasses.replace(data, x_train=x_train, y_train=np.concatenate([data.y_train, data.y_val]),
+                               key=f"{data.key}-with-validation")
+
+
 def _stratified_subset(labels, indices, size, seed):
     if size is None or size >= len(indices):
         return indices

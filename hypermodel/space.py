@@ -107,9 +107,13 @@ def resolutions_for(image_side, train_images, ladder, pixel_budget, most=2):
         chosen = [chosen[0], chosen[-1]] if most == 2 else chosen[:most]
     limit = ("their detail" if detail <= affordable else "the compute budget")
     reason = (f"{image_side:.0f} px images: {floor} px gives the backbone a "
-              f"{floor // BACKBONE_STRIDE}×{floor // BACKBONE_STRIDE} final feature map"
-              + (f"; {limit} allows up to {min(detail, affordable):.0f} px" if len(chosen) > 1 else
-                 f"; larger sizes exceed {limit} ({min(detail, affordable):.0f} px)"))
+              f"{floor // BACKBONE_STRIDE}×{floor // BACKBONE_STRIDE} final feature map")
+    if len(chosen) > 1:
+        reason += f"; {limit} allows up to {min(detail, affordable):.0f} px"
+    elif max(ladder) > floor:
+        reason += f"; larger sizes exceed {limit} ({min(detail, affordable):.0f} px)"
+    else:
+        reason += "; the profile searches no larger size"
     return tuple(chosen), reason
 
 

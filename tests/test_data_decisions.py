@@ -145,6 +145,20 @@ def test_imbalanced_classes_are_weighted_and_chosen_by_balanced_accuracy(fashion
     assert (settings.class_weight, settings.objective) == ("none", "macro_f1")
 
 
+def test_a_small_dataset_refits_with_its_validation_images(digits, digits_decoded, fashion):
+    from data_pipeline.splits import with_validation_merged
+
+    settings, _ = decided(digits)
+    assert settings.refit_with_validation and not decided(fashion)[0].refit_with_validation
+    assert not decided(digits, refit_with_validation=False)[0].refit_with_validation
+    data = training_data(digits_decoded, settings.validation_fraction, settings.seed)
+    merged = with_validation_merged(data)
+    assert len(merged.y_train) == len(data.y_train) + len(data.y_val) == len(digits_decoded.y_train)
+    pixels = np.asarray(merged.x_train).reshape(len(merged.y_train), -1)
+    expected = np.concatenate([np.asarray(data.x_train), np.asarray(data.x_val)]).reshape(len(pixels), -1)
+    assert (pixels == expected).all() and merged.key != data.key
+
+
 def test_phase_lengths_count_images_not_passes():
     settings = resolve("cpu", PROFILES["cpu"], {})
     best = {"epochs": 9}
@@ -193,6 +207,9 @@ def test_the_smoke_job_on_8px_digits_reaches_its_accuracy_floor(tmp_path):
     assert used["train"] + used["validation"] == round(0.8 * 1797)
     assert f"the search trained on {used['train']} and validated on {used['validation']} images" in (
         run_dir / "report.md").read_text()
+    # Validation is a sixth of these images: the final model was refitted with it.
+    assert metrics["refit"]["images"] == used["train"] + used["validation"]
+    assert metrics["refit"]["epochs"]["phase1"] >= 1
     low, high = metrics["test_accuracy_interval95"]
     assert low < metrics["test_accuracy"] < high and high - low > 0.03  # 359 test images: a few points either way
     assert math.isclose(metrics["test_balanced_accuracy"], metrics["test_accuracy"], abs_tol=0.03)

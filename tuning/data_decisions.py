@@ -23,6 +23,8 @@ JOB_S_PER_IMAGE = 0.066
 SEARCH_SHARE_OF_JOB = 0.4
 # The weights' moving average spans about this many passes of the retrain's phase 2.
 EMA_PASSES = 1.2
+# Where validation takes more than this share, the final model is refitted with it.
+REFIT_ABOVE_VALIDATION_SHARE = 0.12
 SEARCH_CHOICES = {f.name for f in dataclasses.fields(SearchChoices)}
 
 
@@ -102,6 +104,11 @@ def decide(settings, facts, explicit=()):
     if not facts.has_validation:
         take("validation_fraction", *validation_fraction_for(facts.class_counts))
     validation = 0 if facts.has_validation else validation_size(facts.class_counts, settings.validation_fraction)
+    if settings.refit_with_validation is None:
+        share = validation / facts.train_images
+        take("refit_with_validation", share > REFIT_ABOVE_VALIDATION_SHARE,
+             f"validation holds {share:.0%} of the training images"
+             + (": the final model learns from them too" if share > REFIT_ABOVE_VALIDATION_SHARE else ""))
     training = facts.train_images - validation
     final = min(training, settings.retrain_subset or training)
     searched = min(training, settings.train_subset or training)

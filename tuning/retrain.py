@@ -24,7 +24,7 @@ import tensorflow as tf
 from common import atomic
 from common.errors import DataError, UsageError, UserError
 from data_pipeline.pipeline import make_dataset
-from data_pipeline.splits import class_weights
+from data_pipeline.splits import class_weights, with_validation_merged
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import EpochProgress, FitToDeadline
 from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
@@ -87,95 +87,28 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         The metrics dict written to metrics.json.
     """
     run_dir = Path(run_dir)
+    started = time.time()
     best, config = read_best(run_dir)
     lengths = PhaseLengths.of(best, settings, len(data.y_train), deadline, head_only=config.unfrozen_blocks == 0)
     log(f"retraining trial {best['trial_id']} (val_accuracy {best['val_accuracy']:.4f}): "
         f"{config.backbone} {config.resolution}px, unfrozen_blocks={config.unfrozen_blocks}; "
         f"phase 1 {lengths.phase1} epochs, phase 2 {lengths.phase2 or 'as many epochs as fit'}"
         + (f" (at most {lengths.phase2_cap}: {lengths.phase2_cap_reason})" if lengths.phase2_cap else ""))
+    phases = Phases(run_dir, settings, config, best, feature_cache, deadline, len(dataset.y_test), log)
     model = build_transfer_model(config, data.num_classes, settings.weights, settings.seed)
-    histories = {}
-    flips = None
-    for phase, epochs_, lr in (
-        ("phase1", lengths.phase1, config.learning_rate),
-        ("phase2", lengths.phase2, config.learning_rate * settings.phase2_lr_factor),
-    ):
-        if phase == "phase2" and config.unfrozen_blocks == 0:
-            histories[phase] = {"skipped": "unfrozen_blocks = 0: nothing to unfreeze"}
-            continue
-        phase_config = config
-        if phase == "phase2" and settings.retrain_augmentation:
-            flips = check_flips(model, config, data, settings.batch_size)
-            phase_config = dataclasses.replace(config, augmentation=phase2_augmentation(
-                settings.retrain_augmentation, flips, log))
-        set_unfrozen_blocks_trainable(model, phase == "phase2")
-        started = time.time()
-        callbacks = [
-            keras.callbacks.TensorBoard(str(run_dir / "tensorboard" / "retrain" / phase), write_graph=False),
-            EpochProgress(phase, log, deadline),
-        ]
-        patience = lengths.patience
-        regularisation = {}
-        if phase == "phase2":
-            regularisation = dict(label_smoothing=settings.label_smoothing, ema_momentum=settings.ema_momentum)
-        plan = {}
-        if epochs_ is None:  # phase 2 fitted to the job's deadline
-            reserve = finish_reserve_s(len(dataset.y_test))
-            finish_by = deadline - reserve
-            fitted = epochs_that_fit(finish_by, model, phase_config, data, settings.batch_size, settings.seed,
-                                     **regularisation)
-            epochs_ = min(fitted.epochs, lengths.phase2_cap or fitted.epochs)
-            plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": reserve,
-                             "cap": lengths.phase2_cap, "cap_reason": lengths.phase2_cap_reason}}
-            fit_to_deadline = FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=log)
-            callbacks.append(fit_to_deadline)
-            if not lengths.phase2_cap:
-                # The schedule decays over exactly these epochs, the deadline being what
-                # limits the result: run them all (augmented validation accuracy dips
-                # early on), keep the best.
-                patience = epochs_
-            log(f"  phase2 plan, timed on this machine: {fitted.reasoning()} before the job's deadline "
-                f"(less {reserve} s for test and export)"
-                + (f"; {epochs_} epochs, stopping after {patience} without progress" if lengths.phase2_cap else ""))
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=monitored(settings.objective), mode="max", patience=patience, restore_best_weights=True,
-        ))
-        try:
-            history, mode = train(
-                model, phase_config, data, batch_size=settings.batch_size, seed=settings.seed, epochs=epochs_,
-                learning_rate=lr, callbacks=callbacks, feature_cache=feature_cache, verbose=settings.verbose,
-                class_weight=class_weights(data.y_train, data.num_classes, settings.class_weight), **regularisation,
-            )
-        except kt.errors.FailedTrialError as e:
-            raise DivergedError(
-                f"retraining trial {best['trial_id']} diverged in {phase} ({e}): rerun the search with a "
-                "lower learning-rate range, or retrain another trial by editing best_hparams.json"
-            ) from None
-        if plan:
-            plan["plan"]["revisions"] = fit_to_deadline.revisions
-        histories[phase] = {
-            "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-            "best_val_accuracy": float(max(history.history["val_accuracy"])),
-            "objective": settings.objective,
-            "best_val_score": float(max(history.history[monitored(settings.objective)])),
-            "epochs": len(history.epoch),
-            "seconds": round(time.time() - started, 1),
-            "learning_rate": lr,
-            "augmentation": phase_config.augmentation,
-            **regularisation,
-            "mode": mode,
-            **plan,
-        }
-        log(f"  {phase}: {len(history.epoch)} epochs [{mode}], best val_accuracy "
-            f"{histories[phase]['best_val_accuracy']:.4f} ({histories[phase]['seconds']:.0f} s)")
-    set_unfrozen_blocks_trainable(model, True)
-    save_model(model, run_dir / "model.keras")
+    histories = phases.run(model, data, lengths)
     tta = choose_tta(model, config, data, settings.batch_size)
     log(f"  flip TTA: validation accuracy {tta['val_accuracy_plain']:.4f} plain, {tta['val_accuracy_flip']:.4f} "
         f"flip-averaged: {'used' if tta['used'] else 'not used'}")
+    refit = None
+    if settings.refit_with_validation:
+        model, refit = refit_with_validation(phases, model, data, histories, time.time() - started)
+    set_unfrozen_blocks_trainable(model, True)
+    save_model(model, run_dir / "model.keras")
     metrics = evaluate_test(model, config, dataset, settings.batch_size, tta=tta["used"])
     predicted = np.array(metrics.pop("predicted"))
-    metrics.update(histories, tta=tta, flips=flips, trial_id=best["trial_id"], hyperparameters=config.to_dict())
+    metrics.update(histories, tta=tta, flips=histories.pop("flips"), refit=refit, trial_id=best["trial_id"],
+                   hyperparameters=config.to_dict())
     atomic.write_json(run_dir / "metrics.json", metrics)
     report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), dataset.class_names, run_dir / "confusion_matrix.png")
     report.plot_misclassified(dataset.x_test, dataset.y_test, predicted, dataset.class_names,
@@ -185,6 +118,144 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         f"{len(dataset.y_test)} test images); balanced accuracy {metrics['test_balanced_accuracy']:.4f}, "
         f"macro-F1 {metrics['test_macro_f1']:.4f}")
     return metrics
+
+
+def refit_with_validation(phases, model, data, histories, seconds):
+    """The final model refitted on the training and validation images together, each
+    phase for the epochs validation chose (a small dataset's validation split is a large
+    share of its images). Skipped, keeping `model`, when the job's deadline leaves no time.
+
+    Returns:
+        (model, {"epochs": {phase: epochs}, "images"} or {"skipped": why}).
+    """
+    if phases.deadline is not None and time.time() + seconds > phases.deadline - phases.reserve:
+        phases.log("  refit with the validation images: skipped, the job's deadline leaves no time for it")
+        return model, {"skipped": "no time before the job's deadline"}
+    epochs = {phase: histories[phase]["best_epoch"] for phase in ("phase1", "phase2")
+              if "best_epoch" in histories[phase]}
+    merged = with_validation_merged(data)
+    phases.log(f"  refit on the {len(merged.y_train)} training and validation images: "
+               + ", ".join(f"{phase} {n} epochs" for phase, n in epochs.items()) + " (as validation chose)")
+    refitted = build_transfer_model(phases.config, data.num_classes, phases.settings.weights, phases.settings.seed)
+    phases.run(refitted, merged, PhaseLengths(epochs["phase1"], epochs.get("phase2", 1), None, None, None),
+               label="refit ", flips=histories["flips"])
+    return refitted, {"epochs": epochs, "images": len(merged.y_train)}
+
+
+class Phases:
+    """Runs the retrain's phases on a model: phase 1 trains the head on the frozen
+    backbone, phase 2 the chosen top blocks too (BatchNorm frozen, in inference mode) at
+    `phase2_lr_factor` × the learning rate, with the profile's augmentation (flips only
+    where the classes survive them), label smoothing and weight averaging.
+
+    Args:
+        run_dir, settings, config, best: The run, its settings, the winner's `TrialConfig`
+            and its best_hparams.json record.
+        feature_cache: A `FeatureCache`, or None.
+        deadline: The job's deadline (`time.time()`), or None.
+        test_images: The test split's size (sizes the reserve kept for after the retrain).
+    """
+
+    def __init__(self, run_dir, settings, config, best, feature_cache, deadline, test_images, log):
+        self.run_dir, self.settings, self.config, self.best = run_dir, settings, config, best
+        self.feature_cache, self.deadline, self.log = feature_cache, deadline, log
+        self.reserve = finish_reserve_s(test_images)
+
+    def run(self, model, data, lengths, label="", flips=None):
+        """Trains `model` on `data` phase by phase; returns {phase: record, "flips": ...}.
+
+        Args:
+            lengths: `PhaseLengths`; patience None runs each phase for its epochs,
+                keeping the last weights (a refit: its validation images are trained on).
+            label: Prefixes the phases' names in the log and TensorBoard.
+            flips: An earlier `check_flips` verdict to reuse (else judged after phase 1).
+        """
+        histories = {}
+        for phase, epochs, lr in (
+            ("phase1", lengths.phase1, self.config.learning_rate),
+            ("phase2", lengths.phase2, self.config.learning_rate * self.settings.phase2_lr_factor),
+        ):
+            if phase == "phase2" and self.config.unfrozen_blocks == 0:
+                histories[phase] = {"skipped": "unfrozen_blocks = 0: nothing to unfreeze"}
+                continue
+            config = self.config
+            if phase == "phase2" and self.settings.retrain_augmentation:
+                flips = flips or check_flips(model, config, data, self.settings.batch_size)
+                config = dataclasses.replace(config, augmentation=phase2_augmentation(
+                    self.settings.retrain_augmentation, flips, self.log))
+            set_unfrozen_blocks_trainable(model, phase == "phase2")
+            histories[phase] = self._fit(model, data, config, label + phase, epochs, lr, lengths)
+        histories["flips"] = flips
+        return histories
+
+    def _fit(self, model, data, config, phase, epochs, lr, lengths):
+        settings = self.settings
+        started = time.time()
+        callbacks = [
+            keras.callbacks.TensorBoard(str(self.run_dir / "tensorboard" / "retrain" / phase.replace(" ", "_")),
+                                        write_graph=False),
+            EpochProgress(phase, self.log, self.deadline),
+        ]
+        regularisation = {}
+        if phase.endswith("phase2"):
+            regularisation = dict(label_smoothing=settings.label_smoothing, ema_momentum=settings.ema_momentum)
+        plan, patience = {}, lengths.patience
+        if epochs is None:
+            epochs, patience, plan, fit_to_deadline = self._plan_to_deadline(model, data, config, lengths,
+                                                                            regularisation)
+            callbacks.append(fit_to_deadline)
+        if patience is not None:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor=monitored(settings.objective), mode="max", patience=patience, restore_best_weights=True,
+            ))
+        try:
+            history, mode = train(
+                model, config, data, batch_size=settings.batch_size, seed=settings.seed, epochs=epochs,
+                learning_rate=lr, callbacks=callbacks, feature_cache=self.feature_cache, verbose=settings.verbose,
+                class_weight=class_weights(data.y_train, data.num_classes, settings.class_weight), **regularisation,
+            )
+        except kt.errors.FailedTrialError as e:
+            raise DivergedError(
+                f"retraining trial {self.best['trial_id']} diverged in {phase} ({e}): rerun the search with a "
+                "lower learning-rate range, or retrain another trial by editing best_hparams.json"
+            ) from None
+        if plan:
+            plan["plan"]["revisions"] = fit_to_deadline.revisions
+        scores = history.history[monitored(settings.objective)]
+        record = {
+            "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+            "best_val_accuracy": float(max(history.history["val_accuracy"])),
+            "objective": settings.objective,
+            "best_val_score": float(max(scores)),
+            "best_epoch": int(np.argmax(scores)) + 1,
+            "epochs": len(history.epoch),
+            "seconds": round(time.time() - started, 1),
+            "learning_rate": lr,
+            "augmentation": config.augmentation,
+            **regularisation,
+            "mode": mode,
+            **plan,
+        }
+        self.log(f"  {phase}: {len(history.epoch)} epochs [{mode}]"
+                 + ("" if patience is None else f", best val_accuracy {record['best_val_accuracy']:.4f}")
+                 + f" ({record['seconds']:.0f} s)")
+        return record
+
+    def _plan_to_deadline(self, model, data, config, lengths, regularisation):
+        """Phase 2's epochs, patience, plan record and `FitToDeadline`, timed on this machine."""
+        finish_by = self.deadline - self.reserve
+        fitted = epochs_that_fit(finish_by, model, config, data, self.settings.batch_size, self.settings.seed,
+                                 **regularisation)
+        epochs = min(fitted.epochs, lengths.phase2_cap or fitted.epochs)
+        # Where the deadline is what limits the result, the schedule decays over exactly
+        # these epochs: run them all (augmented validation accuracy dips early on), keep the best.
+        patience = lengths.patience if lengths.phase2_cap else epochs
+        plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": self.reserve,
+                         "cap": lengths.phase2_cap, "cap_reason": lengths.phase2_cap_reason}}
+        self.log(f"  phase2 plan, timed on this machine: {fitted.reasoning()} before the job's deadline "
+                 f"(less {self.reserve} s for test and export)"
+                 + (f"; {epochs} epochs, stopping after {patience} without progress" if lengths.phase2_cap else ""))
+        return epochs, patience, plan, FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=self.log)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -237,6 +237,10 @@ SETTINGS = (
     Setting("objective", "auto", "what the search, early stopping and the phases choose by: accuracy, "
             "balanced_accuracy, macro_f1, or auto (balanced_accuracy where --class-weight auto would balance)",
             "--objective", choices=("auto", *OBJECTIVES), example="macro_f1"),
+    Setting("refit_with_validation", None, "retrain: refit the final model on the training and validation "
+            "images together for the epochs validation chose (default: where validation is a large share of "
+            "a small dataset)", "--refit-with-validation", parse="switch", commands=SEARCHING | RETRAINING,
+            resumable=True),
     Setting("early_stopping_patience", 2, "epochs without progress before a trial stops"),
     Setting("max_consecutive_failures", 3, "failed trials in a row that stop the search"),
     Setting("mixed_precision", False, "train in float16 with float32 variables"),
