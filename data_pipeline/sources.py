@@ -18,7 +18,7 @@ import numpy as np
 
 from common.download import DownloadError, download
 from common.errors import DataError
-from common.paths import PROJECT_ROOT, keras_home
+from common.paths import PROJECT_ROOT, file_sha256, keras_home
 from data_pipeline import folders, validate
 from data_pipeline.store import StoredImages
 
@@ -188,7 +188,7 @@ def _load_idx(folder, source):
     y_train = validate.parse_idx(files["y_train"], expect_images=False)
     x_test = validate.parse_idx(files["x_test"], expect_images=True)
     y_test = validate.parse_idx(files["y_test"], expect_images=False)
-    digests = {role: _sha256(p) for role, p in files.items()}
+    digests = {role: file_sha256(p) for role, p in files.items()}
     official = all(
         FASHION_MNIST_SHA256.get(files[role].name) == digest for role, digest in digests.items()
     )
@@ -224,7 +224,7 @@ def _load_csv(folder):
             f"'{test_cols[i]}' here, '{train_cols[i]}' there",
         )
     files = {"x_train": files["train"], "x_test": files["test"]}
-    digests = {role: _sha256(p) for role, p in files.items()}
+    digests = {role: file_sha256(p) for role, p in files.items()}
     return _assemble(
         x_train, y_train, x_test, y_test,
         {"x_train": files["x_train"], "y_train": files["x_train"],
@@ -299,7 +299,7 @@ def _load_npz(path):
             arrays = {k: archive[k] for k in NPZ_KEYS}
         except (ValueError, zipfile.BadZipFile, OSError, EOFError) as e:
             raise DataError(path, f"unreadable array in .npz ({e})") from None
-    digests = {"npz": _sha256(path)}
+    digests = {"npz": file_sha256(path)}
     return _assemble(
         arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
         dict.fromkeys(NPZ_KEYS, path), path, "npz", digests, status="computed",
@@ -324,7 +324,3 @@ def _assemble(x_train, y_train, x_test, y_test, files, path, source, digests, st
     return Dataset(
         x_train, y_train, x_test, y_test, class_names, source, str(path), checksum, status
     )
-
-
-def _sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

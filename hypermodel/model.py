@@ -203,8 +203,8 @@ def prefixes_for(model, backbone, unfrozen_choices):
         The prefix models, bottom cut first.
     """
     prefix = model.get_layer(PREFIX_NAME)
-    suffix = [layer for layer in model.get_layer(TOP_NAME).layers if layer.name == SUFFIX_NAME]
-    layers = {layer.name: layer for layer in prefix.layers + (suffix[0].layers if suffix else [])}
+    suffix = unfrozen_blocks_of(model.get_layer(TOP_NAME))
+    layers = {layer.name: layer for layer in prefix.layers + (suffix.layers if suffix else [])}
     ends = backbone.block_ends(types.SimpleNamespace(layers=list(layers.values())))
     cuts = sorted({cut_layer(ends, u) for u in unfrozen_choices}, key=ends.index)
     # Layer.output is the output in the backbone's own graph, the one `prefix.input` starts.
@@ -260,11 +260,15 @@ class InferencePass:
         return {prefix.layers[-1].name: a for prefix, a in zip(self.prefixes, self._function(images)[1:])}
 
 
+def unfrozen_blocks_of(top):
+    """The backbone blocks inside `trainable_top` (named SUFFIX_NAME), or None for a head only."""
+    return next((layer for layer in top.layers if layer.name == SUFFIX_NAME), None)
+
+
 def set_unfrozen_blocks_trainable(model, trainable):
     """Freezes or unfreezes the backbone blocks of `trainable_top` (BatchNorm stays frozen)."""
-    top = model.get_layer(TOP_NAME)
-    suffix = [layer for layer in top.layers if layer.name == SUFFIX_NAME]
-    for layer in suffix[0].layers if suffix else []:
+    suffix = unfrozen_blocks_of(model.get_layer(TOP_NAME))
+    for layer in suffix.layers if suffix else []:
         layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
 
 

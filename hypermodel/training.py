@@ -20,7 +20,7 @@ from data_pipeline.pipeline import make_dataset
 from hypermodel.backbones import get_backbone
 from hypermodel.metrics import compiled_metrics
 from hypermodel.callbacks import AtomicCheckpoint, FailOnNaN, StepTimer, Timed, TrialClock
-from hypermodel.model import PREFIX_NAME, SUFFIX_NAME, TOP_NAME, prefixes_for, set_unfrozen_blocks_trainable
+from hypermodel.model import PREFIX_NAME, TOP_NAME, prefixes_for, set_unfrozen_blocks_trainable, unfrozen_blocks_of
 from hypermodel.schedules import WarmupSchedule
 
 
@@ -217,7 +217,7 @@ def fit_on_features(model, config, data, batch_size, seed, schedule, callbacks, 
     train_features, val_features = features(data.x_train, "train"), features(data.x_val, "val")
     if seconds is not None:
         seconds["features"] = seconds.get("features", 0.0) + time.perf_counter() - started
-    head_only = not any(layer.name == SUFFIX_NAME for layer in top.layers)
+    head_only = unfrozen_blocks_of(top) is None
     steps_per_epoch = fit.get("steps_per_epoch", math.ceil(len(data.x_train) / batch_size))
     multi_step = head_only and steps_per_epoch * (fit["epochs"] - fit["initial_epoch"]) >= MULTI_STEP_MIN_STEPS
     compile_for_training(top, config, **schedule,

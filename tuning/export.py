@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from common import atomic, native_output
 from common.errors import UsageError
+from common.paths import file_sha256
 from data_pipeline.images import decode_batch
 from data_pipeline.pipeline import prepare_images
 from data_pipeline.splits import training_data
@@ -353,13 +354,14 @@ def _size_bytes(path):
 
 def _sha256(path):
     """Of the file; of a SavedModel, over its files' relative names and contents."""
-    digest = hashlib.sha256()
     root = Path(path)
+    if not root.is_dir():
+        return file_sha256(root)
+    digest = hashlib.sha256()
     for f in _model_files(path):
         if f.is_file():
-            if root.is_dir():
-                digest.update(str(f.relative_to(root)).encode())
-            digest.update(f.read_bytes())
+            digest.update(str(f.relative_to(root)).encode())
+            file_sha256(f, digest)
     return digest.hexdigest()
 
 
