@@ -24,22 +24,32 @@ def write_report(run_dir, log=print):
     run_dir = Path(run_dir)
     config = _read(run_dir / "config.json")
     metrics = _read(run_dir / "metrics.json")
-    best = _read(run_dir / "best_hparams.json")
-    timings = _read(run_dir / "timings.json")
-    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}) if (run_dir / "leaderboard.csv").exists() else pd.DataFrame()
-    if metrics:
-        plot_learning_curves(metrics, run_dir / "learning_curves.png")
-    data = config.get("data", {})
+    board_path = run_dir / "leaderboard.csv"
+    board = pd.read_csv(board_path, dtype={"trial_id": str}) if board_path.exists() else pd.DataFrame()
     settings = config.get("settings", {})
+    image_files = "per_split" in config.get("data", {})
     lines = [f"# Transfer-learning search report: `{run_dir.name}`", ""]
     if metrics:
+        plot_learning_curves(metrics, run_dir / "learning_curves.png")
         lines += [f"**Test accuracy: {metrics['test_accuracy']:.4f}** on {metrics['test_images']} test images "
                   f"(evaluated once, after retraining)" + _scores(metrics) + f". Exported model: `{run_dir / 'export'}`.",
                   ""]
-    image_files = "per_split" in data
-    lines += ["## Data", "", f"- Source: {data.get('source')} (`{data.get('path')}`), checksum "
-              f"`{str(data.get('checksum'))[:16]}…`"]
-    if image_files:
+    lines += data_section(config)
+    lines += search_section(run_dir, board, settings, _read(run_dir / "best_hparams.json"))
+    if metrics:
+        lines += retrain_section(run_dir, metrics) + export_section(metrics, settings)
+    lines += timings_section(_read(run_dir / "timings.json"))
+    lines += serving_section(run_dir, image_files)
+    atomic.write_text(run_dir / "report.md", "\n".join(lines))
+    log(f"report: {run_dir / 'report.md'}")
+
+
+def data_section(config):
+    """What the data was, how it was split, and what the tool decided from it."""
+    data, settings = config.get("data", {}), config.get("settings", {})
+    lines = ["## Data", "", f"- Source: {data.get('source')} (`{data.get('path')}`), checksum "
+             f"`{str(data.get('checksum'))[:16]}…`"]
+    if "per_split" in data:
         lines += [f"- {data['images']} images (" + ", ".join(f"{n} {sum(c)}" for n, c in data["per_split"].items())
                   + f"), {data['num_classes']} classes: {', '.join(data['class_names'])}; every image's split in "
                   "`splits.csv`",
@@ -59,15 +69,20 @@ def write_report(run_dir, log=print):
     if decisions:
         lines += ["### Decided from the data", "", "Each can be overridden by its flag (README: what the tool decides).", ""]
         lines += [f"- `{d['setting']}` = {d['value']}: {d['reason']}" for d in decisions] + [""]
-    lines += ["## Search", "",
-              f"Profile `{settings.get('profile')}`, tuner `{settings.get('tuner')}` (max_epochs "
-              f"{settings.get('max_epochs')}, factor {settings.get('factor')}), {len(board)} trials, "
-              f"{int((board.get('status') == 'COMPLETED').sum()) if len(board) else 0} completed, ranked by "
-              f"`score` = validation {settings.get('objective', 'accuracy')}.",
-              "Feature cache: " + ("on. Trials with `augmentation = none` train the top on cached frozen-prefix "
-                                   "activations (no random augmentation); augmented trials train end to end."
-                                   if settings.get("feature_cache") else "off (every trial end to end)."), "",
-              "### Top 10", ""]
+    return lines
+
+
+def search_section(run_dir, board, settings, best):
+    """The search: its settings, the top trials, failures, the accuracy/latency front, the winner."""
+    lines = ["## Search", "",
+             f"Profile `{settings.get('profile')}`, tuner `{settings.get('tuner')}` (max_epochs "
+             f"{settings.get('max_epochs')}, factor {settings.get('factor')}), {len(board)} trials, "
+             f"{int((board.get('status') == 'COMPLETED').sum()) if len(board) else 0} completed, ranked by "
+             f"`score` = validation {settings.get('objective', 'accuracy')}.",
+             "Feature cache: " + ("on. Trials with `augmentation = none` train the top on cached frozen-prefix "
+                                  "activations (no random augmentation); augmented trials train end to end."
+                                  if settings.get("feature_cache") else "off (every trial end to end)."), "",
+             "### Top 10", ""]
     if len(board):
         done = board[board["status"] == "COMPLETED"].sort_values("score", ascending=False).head(10)
         lines += [markdown_table(done, [c for c in LEADERBOARD_COLUMNS if c in done.columns]), ""]
@@ -83,40 +98,51 @@ def write_report(run_dir, log=print):
     if best:
         lines += ["### Best hyperparameters", "", f"Trial `{best['trial_id']}`, val_accuracy {best['val_accuracy']:.4f}:", "",
                   markdown_table(pd.DataFrame([best["hyperparameters"]]), list(best["hyperparameters"])), ""]
-    if metrics:
-        lines += ["## Retraining", ""]
-        for phase in ("phase1", "phase2"):
-            p = metrics.get(phase, {})
-            if "skipped" in p:
-                lines.append(f"- {phase}: skipped ({p['skipped']})")
-            elif p:
-                lines.append(f"- {phase}: {p['epochs']} epochs at lr {p['learning_rate']:.2e} [{p['mode']}], "
-                             f"augmentation {p.get('augmentation', 'as searched')}, "
-                             f"best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s")
-        lines += ["", "![learning curves](learning_curves.png)", "",
-                  "## Test evaluation", "", "![confusion matrix](confusion_matrix.png)", ""]
-        if (run_dir / "misclassified.png").exists():
-            lines += ["Misclassified test images (true → predicted):", "", "![misclassified](misclassified.png)", ""]
-        per_class = pd.DataFrame(metrics["per_class"]).T.reset_index(names="class")
-        lines += [markdown_table(per_class, ["class", "precision", "recall", "f1", "support"]), ""]
-        tta = metrics.get("tta")
-        if tta:
-            lines += [f"Flip test-time augmentation {'used' if tta['used'] else 'not used'}: validation accuracy "
-                      f"{tta['val_accuracy_plain']:.4f} plain, {tta['val_accuracy_flip']:.4f} flip-averaged.", ""]
-        lines += export_section(metrics, settings)
-    if timings:
-        stages = {k: v for k, v in timings.items() if not k.endswith("_plan")}
-        lines += ["## Wall time", "", markdown_table(pd.DataFrame([stages]), list(stages)), ""]
-        if "retrain_plan" in timings:
-            plan = timings["retrain_plan"]
-            lines += [f"Phase 2 was fitted to the job's deadline on this machine: {plan['reasoning']}."]
-            for revision in plan.get("revisions", []):
-                lines += [f"After epoch {revision['after_epoch']}, epochs took {revision['epoch_s']:.0f} s: "
-                          f"{revision['epochs']} epochs fit, and the learning rate's decay was fitted to them."]
-            lines += [""]
-    lines += serving_section(run_dir, image_files)
-    atomic.write_text(run_dir / "report.md", "\n".join(lines))
-    log(f"report: {run_dir / 'report.md'}")
+    return lines
+
+
+def retrain_section(run_dir, metrics):
+    """The two phases (and the refit), the curves, the test evaluation and the TTA choice."""
+    lines = ["## Retraining", ""]
+    for phase in ("phase1", "phase2"):
+        p = metrics.get(phase, {})
+        if "skipped" in p:
+            lines.append(f"- {phase}: skipped ({p['skipped']})")
+        elif p:
+            lines.append(f"- {phase}: {p['epochs']} epochs at lr {p['learning_rate']:.2e} [{p['mode']}], "
+                         f"augmentation {p.get('augmentation', 'as searched')}, "
+                         f"best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s")
+    refit = metrics.get("refit")
+    if refit and "epochs" in refit:
+        lines.append(f"- refit: the final model was trained again on {refit['images']} training and validation "
+                     "images, " + ", ".join(f"{phase} for {n} epochs" for phase, n in refit["epochs"].items()))
+    lines += ["", "![learning curves](learning_curves.png)", "",
+              "## Test evaluation", "", "![confusion matrix](confusion_matrix.png)", ""]
+    if (run_dir / "misclassified.png").exists():
+        lines += ["Misclassified test images (true → predicted):", "", "![misclassified](misclassified.png)", ""]
+    per_class = pd.DataFrame(metrics["per_class"]).T.reset_index(names="class")
+    lines += [markdown_table(per_class, ["class", "precision", "recall", "f1", "support"]), ""]
+    tta = metrics.get("tta")
+    if tta:
+        lines += [f"Flip test-time augmentation {'used' if tta['used'] else 'not used'}: validation accuracy "
+                  f"{tta['val_accuracy_plain']:.4f} plain, {tta['val_accuracy_flip']:.4f} flip-averaged.", ""]
+    return lines
+
+
+def timings_section(timings):
+    """Wall time per stage, and how phase 2 was fitted to the job's deadline."""
+    if not timings:
+        return []
+    stages = {k: v for k, v in timings.items() if not k.endswith("_plan")}
+    lines = ["## Wall time", "", markdown_table(pd.DataFrame([stages]), list(stages)), ""]
+    if "retrain_plan" in timings:
+        plan = timings["retrain_plan"]
+        lines += [f"Phase 2 was fitted to the job's deadline on this machine: {plan['reasoning']}."]
+        for revision in plan.get("revisions", []):
+            lines += [f"After epoch {revision['after_epoch']}, epochs took {revision['epoch_s']:.0f} s: "
+                      f"{revision['epochs']} epochs fit, and the learning rate's decay was fitted to them."]
+        lines += [""]
+    return lines
 
 
 def export_section(metrics, settings):
