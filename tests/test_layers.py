@@ -164,3 +164,60 @@ def test_the_checks_catch_what_they_are_meant_to(tmp_path):
     assert layer_violations(ok_cli, tmp_path) == []
     assert [m.split(":")[1] for m in fitting_calls(bad_data, tmp_path)] == ["7", "8"]
     assert fitting_calls(bad_common, tmp_path) == []
+
+
+def module_files(root=ROOT):
+    """{module name: path} of every first-party module in the layers."""
+    return {module_name(p, root): p for p in layer_files(*ORDER, root=root)}
+
+
+def import_cycles(root=ROOT):
+    """The groups of modules that import each other, directly or through others
+    (imports inside functions included), each as a sorted list of names."""
+    modules = module_files(root)
+    graph = {}
+    for name, path in modules.items():
+        # `from package import name` names a submodule when one exists, else the package.
+        targets = {t if t in modules else t.rpartition(".")[0] for _, _, t in imported_modules(path, root)}
+        graph[name] = {t for t in targets if t in modules and t != name and not modules[t].name == "__init__.py"}
+    cycles, index, low, stack, on_stack = [], {}, {}, [], set()
+
+    def connect(node):  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return cycles
+
+
+def test_no_two_modules_import_each_other():
+    assert import_cycles() == [], "modules that import each other (inside functions too)"
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path):
+    for layer in ORDER:
+        (tmp_path / layer).mkdir()
+        (tmp_path / layer / "__init__.py").write_text("")
+    (tmp_path / "tuning" / "jobs.py").write_text("def work():\n    from tuning.workers import start\n")
+    (tmp_path / "tuning" / "workers.py").write_text("from tuning import jobs\n")
+    (tmp_path / "tuning" / "report.py").write_text("from tuning.jobs import work\n")
+    assert import_cycles(tmp_path) == [["tuning.jobs", "tuning.workers"]]
