@@ -76,7 +76,10 @@ class FitToDeadline(keras.callbacks.Callback):
         if left < max(epoch_s, last_s):
             self.model.stop_training = True
         fit = max(epoch + 1, min(self.planned, epoch + 1 + int(left // epoch_s)))
-        if fit == self.epochs:
+        # Epochs jitter by a second or two: a change of an epoch or two either way is
+        # noise, unless the run is ending.
+        if fit == self.epochs or (abs(fit - self.epochs) < max(2, 0.05 * self.planned)
+                                  and not self.model.stop_training):
             return
         self.epochs = fit
         self.revisions.append({"after_epoch": epoch + 1, "epoch_s": round(epoch_s, 1), "epochs": fit})
