@@ -23,6 +23,9 @@ JOB_S_PER_IMAGE = 0.066
 SEARCH_SHARE_OF_JOB = 0.4
 # The weights' moving average spans about this many passes of the retrain's phase 2.
 EMA_PASSES = 1.2
+# An exported artifact may differ from the Keras model on this many test images before
+# its accuracy drop is judged: below that, the drop is rounding, not damage.
+EXPORT_DROP_IMAGES = 2
 # Where validation takes more than this share, the final model is refitted with it.
 REFIT_ABOVE_VALIDATION_SHARE = 0.12
 SEARCH_CHOICES = {f.name for f in dataclasses.fields(SearchChoices)}
@@ -37,12 +40,14 @@ class DataFacts:
         class_counts: Training images per class.
         image_side: The images' median longer side, in px.
         has_validation: The data came with its own validation split.
+        test_images: Images in the test split.
     """
 
     train_images: int
     class_counts: tuple
     image_side: float
     has_validation: bool
+    test_images: int
 
     @classmethod
     def of(cls, source):
@@ -52,14 +57,16 @@ class DataFacts:
             labels = np.array([f.label for f in train])
             side = float(np.median([max(f.width, f.height) for f in train]))
             has_validation = any(f.split == "val" for f in source.files)
+            test_images = sum(f.split == "test" for f in source.files)
             num_classes = source.num_classes
         else:
             labels = np.asarray(source.y_train)
             side = float(max(source.x_train.shape[1:3]))
             has_validation = source.x_val is not None
+            test_images = len(source.y_test)
             num_classes = source.num_classes
         counts = tuple(int(c) for c in np.bincount(labels, minlength=num_classes))
-        return cls(int(len(labels)), counts, side, has_validation)
+        return cls(int(len(labels)), counts, side, has_validation, int(test_images))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +145,11 @@ def decide(settings, facts, explicit=()):
         take("class_weight", "balanced" if imbalanced else "none", why)
     if settings.objective == "auto":
         take("objective", "balanced_accuracy" if imbalanced else "accuracy", why)
+    least_drop = 100 * EXPORT_DROP_IMAGES / facts.test_images
+    if least_drop > settings.max_accuracy_drop:
+        take("max_accuracy_drop", round(least_drop, 2),
+             f"{facts.test_images} test images: {EXPORT_DROP_IMAGES} images are {least_drop:.2f} pp, "
+             f"so a {settings.max_accuracy_drop} pp limit would reject an artifact for one or two images")
     if settings.ema_momentum:
         steps = math.ceil(final / settings.batch_size)
         momentum = min(settings.ema_momentum, round(1 - 1 / (EMA_PASSES * steps), 4))
