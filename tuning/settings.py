@@ -267,6 +267,9 @@ SETTINGS = (
             resumable=True, example="w1"),
     Setting("worker_timeout_s", 1800, "chief: fail a trial whose worker has not reported for this long",
             "--worker-timeout", duration, resumable=True, example="10m"),
+    Setting("heartbeat_s", 60, "worker: tell the chief this often that its trial is alive (at most a third of "
+            "--worker-timeout); 0 = never, and the chief fails any trial longer than --worker-timeout",
+            "--heartbeat", duration, resumable=True, example="30s"),
     Setting("strategy", "none", "tf.distribute strategy each trial trains under", "--strategy",
             choices=("none", "mirrored", "auto"), resumable=True, example="mirrored"),
 )
