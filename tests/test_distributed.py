@@ -122,6 +122,35 @@ def test_a_killed_workers_trial_runs_again_on_the_other_worker(tmp_path, process
     assert (board.drop(index=killed_trial)["retried"] == "").all()
 
 
+def test_a_killed_chief_resumes_with_every_ended_trial_kept(tmp_path, processes):
+    """kill -9 the chief of `--workers 2` mid-search: its workers exit, saying why; the same
+    command resumes the search, keeping every trial that had ended."""
+    run_dir = tmp_path / "run"
+    command = (*SEARCH, "--run-dir", run_dir, "--max-trials", "4", "--workers", "2")
+    first = processes.start(*command)
+
+    def ended_and_in_flight():
+        ended = {p.stem for p in (run_dir / "trials").glob("*.json")}
+        ongoing = json.loads((run_dir / "tuner" / "oracle.json").read_text())["ongoing_trials"]
+        return ended and set(ongoing.values()) - ended
+
+    assert wait_for(ended_and_in_flight, timeout=300, interval=0.2), "no trial ended while another ran"
+    os.kill(first.pid, signal.SIGKILL)  # the chief alone: its workers are left behind
+    completed = [t for t, trial in oracle_trials(run_dir).items() if trial["status"] == "COMPLETED"]
+    assert completed
+    before = {t: (run_dir / "trials" / f"{t}.json").read_text() for t in completed}
+    code, out = processes.finish(first)  # returns once the workers, which share its output, exited
+    assert code == -signal.SIGKILL
+    assert len(re.findall(r"worker local-\d: its chief \(process \d+\) is gone; exiting", out)) == 2, out[-3000:]
+
+    code, out = processes.finish(processes.start(*command))
+    assert code == 0, out[-3000:]
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
+    assert len(board) == 4 and (board["status"] == "COMPLETED").all(), board[["status", "error"]]
+    for trial_id, record in before.items():  # kept, not run again
+        assert (run_dir / "trials" / f"{trial_id}.json").read_text() == record
+
+
 def long_trial_search(processes, run_dir, *flags):
     """`--workers 2` on trials that each take several times `--worker-timeout 5s`."""
     search = processes.start(*LONG_TRIALS, "--run-dir", run_dir, "--workers", "2", "--worker-timeout", "5s", *flags)
