@@ -168,7 +168,7 @@ def exit_with_chief(worker_id, chief_pid):
 def main(argv):
     run_dir, oracle, worker_id, threads = argv
     exit_with_chief(worker_id, os.getppid())
-    from tuning.cli import quiet_import_tensorflow
+    from common.native_output import quiet_import_tensorflow
 
     quiet_import_tensorflow()  # as the chief does: no C++ start-up lines from any process
     import tensorflow as tf
