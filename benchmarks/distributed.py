@@ -4,7 +4,8 @@
 
 A random search (smoke profile, 48 px MobileNetV2 tops fine-tuned end to end, tens of
 seconds a trial here) runs on a chief and workers w1 and w2 (`--distributed`). Once w1
-is inside its second trial it is SIGKILLed and restarted; once one more trial has ended,
+is inside its second trial it is SIGKILLed and a worker w3 started; once the chief has
+given w1's trial to another worker and one more trial has ended,
 the chief is SIGKILLed and restarted with the same command (the workers wait for it).
 Every process is ended by this script. It prints what each kill
 hit and, last, one JSON line: trials completed, retried (run again after their worker
@@ -118,10 +119,11 @@ def main():
             cluster.kill("w1")
             kills.append({"killed": "w1", "in_trial": trial, "at_s": round(time.time() - started)})
             print(f"killed w1 in trial {trial}", flush=True)
-            cluster.start("w1")
+            cluster.start("w3")  # a new worker: w1's trial is rerun once the chief gives up on w1
 
             ended = len(cluster.records())
-            assert wait_for(lambda: len(cluster.records()) > ended, deadline), "no trial ended after the worker kill"
+            assert wait_for(lambda: trial in cluster.oracle().get("lost_runs", {}) and len(cluster.records()) > ended,
+                            deadline), "w1's trial was not given back, or no trial ended after"
             ongoing = cluster.oracle()["ongoing_trials"]
             cluster.kill("chief")
             kills.append({"killed": "chief", "trials_ended": len(cluster.records()), "in_flight": ongoing,
@@ -130,12 +132,15 @@ def main():
             cluster.start("chief")  # the workers wait for it and go on
 
             codes = {}
-            for name in ("w1", "w2", "chief"):
+            for name in ("w3", "w2", "chief"):
                 process = cluster.processes[name]
                 process.wait(timeout=max(1, deadline - time.time()))
                 codes[name] = process.returncode
         finally:
             cluster.kill_all()
+        for log in sorted(Path(tmp).glob("*.log")):
+            if cluster.processes[log.stem[3:]].returncode not in (0, -signal.SIGKILL):
+                print(f"{log.name}:\n{log.read_text()[-3000:]}", flush=True)
         board = pd.read_csv(cluster.run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
         trials = cluster.trials()
         chosen = cluster.oracle()["start_order"]
