@@ -28,6 +28,7 @@ from tuning import leaderboard
 
 PROJECT_NAME = "tuner"
 IDLE_PAUSE_S = 0.5  # between a worker's asks for a trial while the oracle has none ready
+CHIEF_PATIENCE_S = 3600  # a worker waits this long for its chief to come back (KerasTuner's own wait)
 TUNERS = ("hyperband", "random", "bayesian")
 
 
@@ -279,6 +280,48 @@ class TrialHeartbeat:
         self._stopped.set()
 
 
+class ReconnectingOracleClient:
+    """A worker's oracle client that rides out a chief restart.
+
+    KerasTuner's client waits for a chief that is down (`wait_for_ready`), but a call in
+    flight when the chief dies fails with UNAVAILABLE, and would end the worker (or
+    fail its trial). Such a call is sent again, every `pause_s`, for up to `patience_s`:
+    each is safe to repeat, since a chief that already took it answers a second
+    `create_trial` with the same trial and ignores a second `end_trial`.
+
+    Args:
+        client: KerasTuner's `OracleClient`.
+        patience_s: How long a chief may stay unreachable.
+    """
+
+    CALLS = ("get_space", "update_space", "create_trial", "update_trial", "end_trial", "get_trial",
+             "get_best_trials")
+
+    def __init__(self, client, patience_s, pause_s=1.0):
+        self._client = client
+        self._patience_s = patience_s
+        self._pause_s = pause_s
+
+    def __getattr__(self, name):
+        attribute = getattr(self._client, name)
+        if name not in self.CALLS:
+            return attribute
+
+        def call(*args, **kwargs):
+            import grpc
+
+            give_up = time.time() + self._patience_s
+            while True:
+                try:
+                    return attribute(*args, **kwargs)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or time.time() > give_up:
+                        raise
+                time.sleep(self._pause_s)
+
+        return call
+
+
 def heartbeat_interval(settings):
     """Seconds between a worker's `TrialHeartbeat`s: --heartbeat, but at most a third of
     --worker-timeout so that a missed beat or two is not taken for a dead worker; None
@@ -489,6 +532,8 @@ def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadlin
     # Set after construction: reloading oracle state would otherwise not see it.
     tuner.oracle.deadline = deadline
     tuner.oracle.stopped_by_budget = False
+    if worker not in ("local", "chief"):
+        tuner.oracle = ReconnectingOracleClient(tuner.oracle, CHIEF_PATIENCE_S)
     return tuner
 
 
