@@ -9,8 +9,9 @@ given w1's trial to another worker and one more trial has ended,
 the chief is SIGKILLed and restarted with the same command (the workers wait for it).
 Every process is ended by this script. It prints what each kill
 hit and, last, one JSON line: trials completed, retried (run again after their worker
-was lost) and lost (chosen by the search but never completed; the goal is 0), and
-whether the leaderboard and KerasTuner's trial records agree.
+was lost) and lost (chosen by the search but never completed; the goal is 0), workers
+that did not exit after the chief, and whether the leaderboard and KerasTuner's trial
+records agree.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ SEARCH = ("search", "--profile", "smoke", "--tuner", "random", "--max-epochs", "
           "--val-subset", "100", "--resolutions", "48", "--unfrozen-blocks", "17", "--backbones",
           "mobilenet_v2_0.35", "--no-feature-cache", "--time-budget", "0")
 DEADLINE_S = 1800  # everything this script starts is killed by then
+WORKER_EXIT_S = 60  # a worker still running this long after the chief ended counts as hung
 
 
 def free_port():
@@ -103,6 +106,20 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(Path(tmp) / "run", tmp, args.max_trials, args.worker_timeout)
         kills = []
+        history = []  # (s, ongoing trials, retry queue) at each change of the oracle's state
+        watching = threading.Event()
+
+        def watch_oracle():
+            while not watching.wait(0.2):
+                try:
+                    state = cluster.oracle()
+                except (OSError, ValueError):
+                    continue
+                entry = (state["ongoing_trials"], state["retry_queue"])
+                if not history or history[-1][1:] != entry:
+                    history.append((round(time.time() - started, 1), *entry))
+
+        threading.Thread(target=watch_oracle, daemon=True).start()
         try:
             cluster.start("chief")
             time.sleep(3)
@@ -131,15 +148,19 @@ def main():
             print(f"killed the chief with {len(cluster.records())} trials ended, in flight {ongoing}", flush=True)
             cluster.start("chief")  # the workers wait for it and go on
 
-            codes = {}
-            for name in ("w3", "w2", "chief"):
-                process = cluster.processes[name]
-                process.wait(timeout=max(1, deadline - time.time()))
-                codes[name] = process.returncode
+            cluster.processes["chief"].wait(timeout=max(1, deadline - time.time()))
+            hung = [] if wait_for(lambda: all(p.poll() is not None for p in cluster.processes.values()),
+                                  time.time() + WORKER_EXIT_S) else [
+                name for name, p in cluster.processes.items() if p.poll() is None]
         finally:
             cluster.kill_all()
+        watching.set()
+        codes = {name: p.returncode for name, p in cluster.processes.items()}
+        if hung:
+            print("oracle states (s, ongoing, retry queue):", *history, sep="\n", flush=True)
         for log in sorted(Path(tmp).glob("*.log")):
-            if cluster.processes[log.stem[3:]].returncode not in (0, -signal.SIGKILL):
+            name = log.stem[3:]
+            if name in hung or codes[name] not in (0, -signal.SIGKILL):
                 print(f"{log.name}:\n{log.read_text()[-3000:]}", flush=True)
         board = pd.read_csv(cluster.run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
         trials = cluster.trials()
@@ -155,6 +176,7 @@ def main():
             "trials_retried": int((board["retried"] != "").sum()),
             "trials_lost": len([t for t in chosen if t not in completed]),
             "exit_codes": codes,
+            "hung_workers": hung,  # still running WORKER_EXIT_S after the chief ended (then killed)
             "kills": kills,
             "leaderboard_consistent": consistent,
             "wall_s": round(time.time() - started),
