@@ -70,6 +70,7 @@ class BudgetedOracleMixin:
         if trial.status == "RUNNING":
             self._started.setdefault(trial.trial_id, now)
             self._last_seen[trial.trial_id] = now
+            self._runners.setdefault(trial.trial_id, set()).add(tuner_id)
         elif trial.status == "STOPPED" and self.ongoing_trials:
             # Other workers' trials are still running: this worker waits with them, so
             # that the trial of one that dies has a worker to run it again.
@@ -79,8 +80,18 @@ class BudgetedOracleMixin:
 
     @shims.synchronized
     def get_trial(self, trial_id):
+        # A worker's heartbeat (`TrialHeartbeat`). A worker taken for dead whose trial ran
+        # again elsewhere may still be on it, as may the second runner once the first
+        # one's late result ended it: each stays a known worker while some run beats, so
+        # that the chief does not end the search under it.
+        now = time.time()
         if self._running(trial_id):
-            self._last_seen[trial_id] = time.time()  # a worker's heartbeat (`TrialHeartbeat`)
+            self._last_seen[trial_id] = now
+        for tuner_id in self._runners.get(trial_id, ()):
+            current = self.ongoing_trials.get(tuner_id)
+            if current is None or current.trial_id == trial_id:
+                self._last_contact[tuner_id] = now
+                self.tuner_ids.add(tuner_id)
         return super().get_trial(trial_id)
 
     @shims.synchronized
@@ -109,6 +120,7 @@ class BudgetedOracleMixin:
             reason = f"worker {tuner_id} stopped reporting for {now - last:.0f} s"
             losses = self._lost_runs.setdefault(trial.trial_id, [])
             losses.append(reason)
+            self._runners.setdefault(trial.trial_id, set()).add(tuner_id)  # known after a chief restart too
             if len(losses) == 1:
                 shims.requeue_trial(self, tuner_id)
                 self._started.pop(trial.trial_id, None)
@@ -175,6 +187,12 @@ class BudgetedOracleMixin:
     def _last_seen(self):
         self.__dict__.setdefault("_trial_last_seen", {})
         return self.__dict__["_trial_last_seen"]
+
+    @property
+    def _runners(self):
+        """{trial_id: every worker given it}: more than one for a trial run again."""
+        self.__dict__.setdefault("_trial_runners", {})
+        return self.__dict__["_trial_runners"]
 
     @property
     def _lost_runs(self):
