@@ -7,8 +7,10 @@ trial. `tests/test_shims.py` has one test per shim that fails when the library's
 behaviour changes.
 
 The shims:
-1. `synchronized`: the oracle's lock decorator, for methods a distributed chief runs
-   concurrently with its gRPC threads.
+1. `synchronized`: the oracle's lock decorator (KerasTuner's lock and owner tables), for
+   methods a distributed chief runs concurrently with its gRPC threads; unlike
+   KerasTuner's own decorator, an exception releases the lock (KerasTuner's would
+   keep it held, and every later call from every worker would wait forever).
 2. `SaveBestEpoch`: KerasTuner's best-epoch checkpoint callback class, to recognise it
    among the callbacks KerasTuner hands to `HyperModel.fit`.
 3. `route_keras_tuner_json_writes`: KerasTuner writes trial.json / oracle.json through
@@ -44,10 +46,15 @@ The shims:
    reads the moments from `Adam._momentums` / `_velocities`; Keras' own update builds
    about fifteen ops per variable, and tracing them was a second of a 17-block top's
    train step.
+13. `requeue_trial`: hands a running trial back to the oracle's retry queue
+   (`Oracle._retry_queue`, which `create_trial` serves before any new trial), so the
+   trial of a worker that died runs again on another worker.
 """
 
 import copy
+import functools
 import os
+import threading
 
 import keras
 import keras_tuner as kt
@@ -91,7 +98,28 @@ def _require(owner, name):
 check_versions()
 
 # 1.
-synchronized = _require(_kt_oracle, "synchronized")
+_kt_locks = _require(_kt_oracle, "LOCKS")
+_kt_lock_owners = _require(_kt_oracle, "THREADS")
+
+
+def synchronized(method):
+    """Runs an oracle method holding the oracle's lock, as KerasTuner's `synchronized`
+    does (re-entrant per thread, shared with KerasTuner's own decorated methods), and
+    releases it however the method ends."""
+
+    @functools.wraps(method)
+    def locked(oracle, *args, **kwargs):
+        thread = threading.current_thread().name
+        if _kt_lock_owners[oracle] == thread:
+            return method(oracle, *args, **kwargs)
+        with _kt_locks[oracle]:
+            _kt_lock_owners[oracle] = thread
+            try:
+                return method(oracle, *args, **kwargs)
+            finally:
+                _kt_lock_owners[oracle] = None
+
+    return locked
 
 # 2.
 SaveBestEpoch = _require(_kt_tuner_utils, "SaveBestEpoch")
@@ -266,3 +294,15 @@ class FusedAdamStepMixin:
 
 def _tf_variable(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+# 13.
+_require(kt.Oracle(objective="val_loss", max_trials=1), "_retry_queue")
+
+
+def requeue_trial(oracle, tuner_id):
+    """Takes the trial running on `tuner_id` back; the next `create_trial` from any
+    worker gets it again, with its id and hyperparameters. Call with the oracle's lock."""
+    trial = oracle.ongoing_trials.pop(tuner_id)
+    oracle._retry_queue.append(trial.trial_id)
+    return trial

@@ -15,24 +15,55 @@ from cli import ROOT, free_port, start_cli, wait_for
 
 SEARCH = ("search", "--profile", "smoke", "--tuner", "random", "--train-subset", "300", "--val-subset", "100",
           "--resolutions", "32", "--unfrozen-blocks", "0,1", "--time-budget", "0")
+# Trials of about 15-30 s here: a 48 px MobileNetV2 fine-tuned end to end (no feature cache).
+LONG_TRIALS = ("search", "--profile", "smoke", "--tuner", "random", "--max-trials", "2", "--max-epochs", "1",
+               "--train-subset", "600", "--val-subset", "100", "--resolutions", "48", "--unfrozen-blocks", "17",
+               "--backbones", "mobilenet_v2_0.35", "--no-feature-cache", "--time-budget", "0")
+TEST_DEADLINE_S = 600  # every process a test starts is ended by then, well before pytest's --timeout
+TENSORFLOW_NATIVE_LINES = re.compile(r"oneDNN|cuda|absl|^[IWE]\d{4} |XLA|cpu_feature_guard", re.M)
 
 
-def launch(run_dir, port, max_trials, workers, worker_timeout="10m"):
+@pytest.fixture
+def processes():
+    """Starts CLI processes (`processes.start(*args)`) and kills any still running at the
+    end of the test, whatever happened; `processes.finish(p)` waits for one within the
+    test's deadline."""
+
+    class Processes:
+        def __init__(self):
+            self.deadline = time.time() + TEST_DEADLINE_S
+            self.started = []
+
+        def start(self, *args):
+            process = start_cli(*args)
+            self.started.append(process)
+            return process
+
+        def finish(self, process):
+            try:
+                out, _ = process.communicate(timeout=max(1, self.deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                out, _ = process.communicate()
+                pytest.fail(f"process did not finish within the test's {TEST_DEADLINE_S} s:\n{out[-3000:]}")
+            return process.returncode, out
+
+    running = Processes()
+    try:
+        yield running
+    finally:
+        for process in running.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+
+
+def launch(processes, run_dir, port, max_trials, workers, worker_timeout="10m"):
     common = (*SEARCH, "--run-dir", run_dir, "--max-trials", max_trials, "--oracle", f"127.0.0.1:{port}",
               "--worker-timeout", worker_timeout)
-    chief = start_cli(*common, "--distributed", "chief")
+    chief = processes.start(*common, "--distributed", "chief")
     time.sleep(2)
-    return chief, {w: start_cli(*common, "--distributed", "worker", "--worker-id", w) for w in workers}
-
-
-def finish(process, timeout=900):
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate()
-        pytest.fail(f"process did not finish:\n{out[-3000:]}")
-    return process.returncode, out
+    return chief, {w: processes.start(*common, "--distributed", "worker", "--worker-id", w) for w in workers}
 
 
 def oracle_trials(run_dir):
@@ -43,16 +74,19 @@ def oracle_trials(run_dir):
     return trials
 
 
-def test_one_chief_two_workers_complete_one_search(tmp_path):
+def test_one_chief_two_workers_complete_one_search(tmp_path, processes):
     run_dir = tmp_path / "run"
-    chief, workers = launch(run_dir, free_port(), max_trials=6, workers=("w1", "w2"))
-    results = {name: finish(p) for name, p in workers.items()}
-    results["chief"] = finish(chief)
+    chief, workers = launch(processes, run_dir, free_port(), max_trials=6, workers=("w1", "w2"))
+    results = {name: processes.finish(p) for name, p in workers.items()}
+    results["chief"] = processes.finish(chief)
     for name, (code, out) in results.items():
         assert code == 0, f"{name}:\n{out[-3000:]}"
-    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str})
+    for name in workers:
+        assert f"worker {name}: the chief has no trial left for it; its search is over" in results[name][1]
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
     assert len(board) == 6 and board["trial_id"].is_unique
     assert set(board["worker"]) == {"w1", "w2"}
+    assert (board["retried"] == "").all()
     trials = oracle_trials(run_dir)
     assert set(trials) == set(board["trial_id"])
     for row in board.itertuples():
@@ -62,9 +96,9 @@ def test_one_chief_two_workers_complete_one_search(tmp_path):
     assert best["val_accuracy"] == pytest.approx(board["val_accuracy"].max())
 
 
-def test_a_killed_worker_does_not_stall_the_search(tmp_path):
+def test_a_killed_workers_trial_runs_again_on_the_other_worker(tmp_path, processes):
     run_dir = tmp_path / "run"
-    chief, workers = launch(run_dir, free_port(), max_trials=6, workers=("w1", "w2"), worker_timeout="20s")
+    chief, workers = launch(processes, run_dir, free_port(), max_trials=4, workers=("w1", "w2"), worker_timeout="8s")
 
     def w1_mid_trial():
         """w1 has finished a trial and is now inside another one."""
@@ -72,18 +106,74 @@ def test_a_killed_worker_does_not_stall_the_search(tmp_path):
         ongoing = json.loads((run_dir / "tuner" / "oracle.json").read_text())["ongoing_trials"]
         return any(r["worker"] == "w1" for r in records.values()) and ongoing.get("w1") not in (None, *records)
 
-    assert wait_for(w1_mid_trial, timeout=600, interval=0.2), "w1 never started a second trial"
-    os.killpg(workers["w1"].pid, signal.SIGKILL)
+    assert wait_for(w1_mid_trial, timeout=300, interval=0.2), "w1 never started a second trial"
     killed_trial = json.loads((run_dir / "tuner" / "oracle.json").read_text())["ongoing_trials"]["w1"]
-    code, out = finish(workers["w2"])
+    os.killpg(workers["w1"].pid, signal.SIGKILL)
+    code, out = processes.finish(workers["w2"])
     assert code == 0, out[-3000:]
-    code, out = finish(chief)
+    code, chief_out = processes.finish(chief)
+    assert code == 0, chief_out[-3000:]
+    assert f"trial {killed_trial}: worker w1 stopped reporting for" in chief_out
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
+    board = board.set_index("trial_id")
+    assert len(board) == 4 and (board["status"] == "COMPLETED").all(), board[["status", "worker", "error"]]
+    assert board.loc[killed_trial, "worker"] == "w2"
+    assert board.loc[killed_trial, "retried"].startswith("worker w1 stopped reporting for")
+    assert (board.drop(index=killed_trial)["retried"] == "").all()
+
+
+def test_a_killed_chief_resumes_with_every_ended_trial_kept(tmp_path, processes):
+    """kill -9 the chief of `--workers 2` mid-search: its workers exit, saying why; the same
+    command resumes the search, keeping every trial that had ended."""
+    run_dir = tmp_path / "run"
+    command = (*SEARCH, "--run-dir", run_dir, "--max-trials", "4", "--workers", "2")
+    first = processes.start(*command)
+
+    def ended_and_in_flight():
+        ended = {p.stem for p in (run_dir / "trials").glob("*.json")}
+        ongoing = json.loads((run_dir / "tuner" / "oracle.json").read_text())["ongoing_trials"]
+        return ended and set(ongoing.values()) - ended
+
+    assert wait_for(ended_and_in_flight, timeout=300, interval=0.2), "no trial ended while another ran"
+    os.kill(first.pid, signal.SIGKILL)  # the chief alone: its workers are left behind
+    completed = [t for t, trial in oracle_trials(run_dir).items() if trial["status"] == "COMPLETED"]
+    assert completed
+    before = {t: (run_dir / "trials" / f"{t}.json").read_text() for t in completed}
+    code, out = processes.finish(first)  # returns once the workers, which share its output, exited
+    assert code == -signal.SIGKILL
+    assert len(re.findall(r"worker local-\d: its chief \(process \d+\) is gone; exiting", out)) == 2, out[-3000:]
+
+    code, out = processes.finish(processes.start(*command))
     assert code == 0, out[-3000:]
     board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
-    assert board.loc[killed_trial, "status"] == "FAILED"
-    assert "stopped reporting" in board.loc[killed_trial, "error"]
-    assert (board["status"] == "COMPLETED").sum() >= 4
-    assert "w2" in set(board["worker"])
+    assert len(board) == 4 and (board["status"] == "COMPLETED").all(), board[["status", "error"]]
+    for trial_id, record in before.items():  # kept, not run again
+        assert (run_dir / "trials" / f"{trial_id}.json").read_text() == record
+
+
+def long_trial_search(processes, run_dir, *flags):
+    """`--workers 2` on trials that each take several times `--worker-timeout 5s`."""
+    search = processes.start(*LONG_TRIALS, "--run-dir", run_dir, "--workers", "2", "--worker-timeout", "5s", *flags)
+    code, out = processes.finish(search)
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
+    return code, out, board
+
+
+def test_heartbeats_keep_trials_longer_than_the_worker_timeout(tmp_path, processes):
+    code, out, board = long_trial_search(processes, tmp_path / "run")
+    assert code == 0, out[-3000:]
+    assert len(board) == 2 and (board["status"] == "COMPLETED").all(), board[["status", "error"]]
+    assert (board["retried"] == "").all() and "stopped reporting" not in out
+    assert (board["seconds"] > 3 * 5).all(), board["seconds"]  # each trial outlasted the timeout 3 times
+
+
+def test_without_heartbeats_trials_longer_than_the_worker_timeout_are_lost(tmp_path, processes):
+    code, out, board = long_trial_search(processes, tmp_path / "run", "--heartbeat", "0")
+    assert code == 2, out[-3000:]  # no trial completed
+    assert len(board) == 2 and (board["status"] == "FAILED").all(), board[["status", "error"]]
+    for row in board.itertuples():
+        assert re.fullmatch(r"worker local-\d stopped reporting for \d+ s", row.retried), row.retried
+        assert re.search(r"worker local-\d stopped reporting for \d+ s \(its first run was lost too", row.error)
 
 
 MIRRORED = """
@@ -119,12 +209,12 @@ def test_a_trial_trains_under_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert "MIRRORED OK" in result.stdout
 
 
-def test_local_workers_share_one_search_and_the_job_goes_on_alone(tmp_path):
+def test_local_workers_share_one_search_and_the_job_goes_on_alone(tmp_path, processes):
     """`--workers 2`: this process serves the oracle on 127.0.0.1, two worker processes
     it started train the trials, and the command ends with the usual results."""
     run_dir = tmp_path / "run"
-    search = start_cli(*SEARCH, "--run-dir", run_dir, "--max-trials", "4", "--workers", "2")
-    code, out = finish(search)
+    search = processes.start(*SEARCH, "--run-dir", run_dir, "--max-trials", "4", "--workers", "2")
+    code, out = processes.finish(search)
     assert code == 0, out[-3000:]
     assert re.search(r"2 local workers \(\d+ threads? each\) ask the oracle at 127\.0\.0\.1:\d+", out), out[-3000:]
     board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str})
@@ -134,6 +224,8 @@ def test_local_workers_share_one_search_and_the_job_goes_on_alone(tmp_path):
     best = json.loads((run_dir / "best_hparams.json").read_text())
     assert best["val_accuracy"] == pytest.approx(board["val_accuracy"].max())
     assert "Best val_accuracy So Far" not in out  # KerasTuner's own display stays quiet on workers
+    # No process (chief or worker) prints TensorFlow's native start-up lines.
+    assert not TENSORFLOW_NATIVE_LINES.search(out), TENSORFLOW_NATIVE_LINES.search(out).group(0)
 
 
 def test_local_workers_do_not_go_with_a_distributed_role(tmp_path):
@@ -142,3 +234,35 @@ def test_local_workers_do_not_go_with_a_distributed_role(tmp_path):
     result = run_cli(*SEARCH, "--run-dir", tmp_path / "run", "--workers", "2", "--distributed", "chief")
     assert_user_error(result, "--workers 2", "--distributed chief")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("gpus, count, explicit, expected", [
+    ([], 2, False, (2, None)),  # CPU only: the cores are shared
+    (["0"], 2, False, (1, ["0"])),  # one GPU: one worker on it
+    (["0", "1", "2"], 2, False, (2, ["0", "1"])),
+    (["0", "1"], 4, False, (2, ["0", "1"])),  # the profile's count: at most one per GPU
+    (["2", "5"], 2, True, (2, ["2", "5"])),  # the ids CUDA_VISIBLE_DEVICES made visible
+    (["0", "1"], 3, True, (3, ["0", "1", "0"])),  # --workers 3 given: two share GPU 0
+])
+def test_each_local_worker_gets_a_gpu_of_its_own(gpus, count, explicit, expected):
+    from tuning.local_workers import assign_gpus
+
+    workers, devices, note = assign_gpus(gpus, count, explicit)
+    assert (workers, devices) == expected
+    if not gpus:
+        assert note is None
+    elif workers > len(gpus):
+        assert "share" in note and "run out of" in note and f"--workers {len(gpus)}" in note
+    elif len(gpus) == 1:
+        assert note.startswith("1 GPU visible: 1 local worker")
+    else:
+        assert "one per local worker" in note
+
+
+def test_visible_gpus_follow_cuda_visible_devices():
+    from tuning.local_workers import visible_gpus
+
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "3,1"}) == ["3", "1"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,1"}) == ["0"]  # CUDA stops at an invalid id

@@ -156,6 +156,30 @@ def test_synchronized_does_not_block_a_different_oracle():
         holder.join(timeout=10)
 
 
+def test_synchronized_releases_the_oracle_lock_when_a_method_raises():
+    """KerasTuner's own decorator keeps the lock after an exception, so every later call
+    (each worker's gRPC request to the chief) waits forever."""
+
+    class RaisingOracle(LockedOracle):
+        @shims.synchronized
+        def fail(self):
+            raise KeyError("no such tuner")
+
+    oracle = RaisingOracle(objective="val_loss", max_trials=1)
+    oracle.calls = []
+    with pytest.raises(KeyError):
+        threading.Thread(target=oracle.fail).run()  # in this thread, as a gRPC thread would
+    other = threading.Thread(target=oracle.slow, args=("after", 0), daemon=True)
+    other.start()
+    other.join(timeout=5)
+    assert not other.is_alive(), "the lock stayed held after the method raised"
+    # KerasTuner's own synchronized methods take the same lock: one still runs.
+    other = threading.Thread(target=oracle.create_trial, args=("t",), daemon=True)
+    other.start()
+    other.join(timeout=5)
+    assert not other.is_alive(), "a KerasTuner synchronized method waited on the lock"
+
+
 # 2. SaveBestEpoch -----------------------------------------------------------------------
 
 
@@ -526,3 +550,21 @@ def test_the_fused_adam_step_updates_variables_and_moments_as_keras_adam_does(ke
     assert all(moved)
     for got, expected in zip(results[Fused], results[keras_class], strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+# 13. requeue_trial ----------------------------------------------------------------------
+
+
+def test_a_requeued_trial_is_the_next_trial_any_worker_gets_with_its_id_and_values(tmp_path):
+    oracle = kt.RandomSearch(TinyHyperModel(), objective="val_loss", max_trials=5, directory=str(tmp_path),
+                             project_name="p", seed=1).oracle
+    lost = oracle.create_trial("w1")
+    assert lost.status == "RUNNING"
+
+    assert shims.requeue_trial(oracle, "w1").trial_id == lost.trial_id
+    assert "w1" not in oracle.ongoing_trials
+    again = oracle.create_trial("w2")
+    assert again.trial_id == lost.trial_id and again.status == "RUNNING"
+    assert again.hyperparameters.values == lost.hyperparameters.values
+    assert oracle.ongoing_trials["w2"].trial_id == lost.trial_id
+    assert oracle.create_trial("w3").trial_id != lost.trial_id  # handed out once

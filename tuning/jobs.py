@@ -197,9 +197,9 @@ def search(settings, explicit=(), source=None):
     if settings.distributed:
         worker = configure_distributed(settings.distributed, settings.oracle, settings.worker_id)
     elif settings.workers > 1:
-        from tuning.local_workers import LocalWorkers
+        from tuning.local_workers import LocalWorkers, visible_gpus
 
-        workers = LocalWorkers(settings.workers, log=log)
+        workers = LocalWorkers(settings.workers, log=log, gpus=visible_gpus(), explicit="workers" in explicit)
         worker = configure_distributed("chief", workers.oracle)
     run_dir = prepare_run_dir(settings, source, dropped, decisions)
     dataset = materialize(source, settings, run_dir)

@@ -5,7 +5,9 @@ score; written by the oracle, the chief in distributed mode) and this tool's
 `trials/<trial_id>.json` (worker, seconds, epochs, error; written by whichever
 process ran the trial). A trial rejected by a deployment limit before training is
 FAILED for KerasTuner and `REJECTED` here, with the figure that rejected it.
-`seconds` is what a trial cost; `train_s` the part spent fitting. Any process can therefore rebuild both files at any time,
+`seconds` is what a trial cost; `train_s` the part spent fitting. `retried` says why
+a trial's first run was lost, for one the chief gave to another worker (from the
+oracle's state, `tuner/oracle.json`). Any process can therefore rebuild both files at any time,
 and every rewrite is atomic.
 """
 
@@ -21,7 +23,8 @@ COLUMNS = [
     "dense_units", "dropout", "learning_rate", "lr_schedule", "score", "val_accuracy", "epochs",
     "train_s", "seconds", "latency_ms", "model_mb", "error",
 ]
-EXTRA_COLUMNS = ["val_balanced_accuracy", "val_macro_f1", "optimizer", "warmup_epochs", "augmentation", "fit_mode", "bracket", "round", "best_epoch"]
+EXTRA_COLUMNS = ["val_balanced_accuracy", "val_macro_f1", "optimizer", "warmup_epochs", "augmentation", "fit_mode",
+                 "bracket", "round", "best_epoch", "retried"]
 ENDED = ("COMPLETED", "FAILED", "INVALID")
 SCORES = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 
@@ -29,6 +32,7 @@ SCORES = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 def trial_records(run_dir):
     """One dict per ended trial, ordered by trial id."""
     run_dir = Path(run_dir)
+    lost_runs = _read_json(run_dir / "tuner" / "oracle.json").get("lost_runs", {})
     rows = []
     for path in sorted((run_dir / "tuner").glob("trial_*/trial.json")):
         try:
@@ -59,6 +63,8 @@ def trial_records(run_dir):
             round=values.get("tuner/round"),
             # Ours counts from the trial's first Hyperband round; KerasTuner's from this round's.
             best_epoch=(record.get("best_epoch") or (trial.get("best_step") or 0) + 1) if completed else None,
+            # Why its first run was lost (its worker died or went silent), for a trial run twice.
+            retried=lost_runs.get(trial["trial_id"], [""])[0],
         )
         rows.append(row)
     return rows

@@ -280,8 +280,12 @@ SETTINGS = (
             example="127.0.0.1:8123"),
     Setting("worker_id", None, "this worker's name (its `worker` column in the leaderboard)", "--worker-id",
             resumable=True, example="w1"),
-    Setting("worker_timeout_s", 1800, "chief: fail a trial whose worker has not reported for this long",
+    Setting("worker_timeout_s", 1800, "chief: a trial whose worker has not reported for this long runs again "
+            "on another worker (and fails if that run is lost too)",
             "--worker-timeout", duration, resumable=True, example="10m"),
+    Setting("heartbeat_s", 60, "worker: tell the chief this often that its trial is alive (at most a third of "
+            "--worker-timeout); 0 = never, and the chief takes any trial longer than --worker-timeout for lost",
+            "--heartbeat", duration, resumable=True, example="30s"),
     Setting("strategy", "none", "tf.distribute strategy each trial trains under", "--strategy",
             choices=("none", "mirrored", "auto"), resumable=True, example="mirrored"),
 )

@@ -28,6 +28,7 @@ from tuning import leaderboard
 
 PROJECT_NAME = "tuner"
 IDLE_PAUSE_S = 0.5  # between a worker's asks for a trial while the oracle has none ready
+CHIEF_PATIENCE_S = 3600  # a worker waits this long for its chief to come back (KerasTuner's own wait)
 TUNERS = ("hyperband", "random", "bayesian")
 
 
@@ -45,6 +46,7 @@ class BudgetedOracleMixin:
     deadline = None  # time.time() by which the search must be done; set per command.
     max_failures = None  # consecutive FAILED trials after which the search stops.
     stop_reason = None
+    log = staticmethod(print)  # where the chief says what became of a lost trial
 
     def populate_space(self, trial_id):
         if self.stop_reason:
@@ -58,34 +60,78 @@ class BudgetedOracleMixin:
             self.set_state(snapshot)  # as if the trial had never been proposed
             self.stopped_by_budget = True
             return {"status": "STOPPED"}
-        self._started[trial_id] = time.time()
         return response
 
+    @shims.synchronized
     def create_trial(self, tuner_id):
-        self._last_contact[tuner_id] = time.time()
-        return super().create_trial(tuner_id)
+        now = time.time()
+        self._last_contact[tuner_id] = now
+        trial = super().create_trial(tuner_id)
+        if trial.status == "RUNNING":
+            self._started.setdefault(trial.trial_id, now)
+            self._last_seen[trial.trial_id] = now
+            self._runners.setdefault(trial.trial_id, set()).add(tuner_id)
+        elif trial.status == "STOPPED" and self.ongoing_trials:
+            # Other workers' trials are still running: this worker waits with them, so
+            # that the trial of one that dies has a worker to run it again.
+            self.tuner_ids.add(tuner_id)
+            trial.status = "IDLE"
+        return trial
 
+    @shims.synchronized
+    def get_trial(self, trial_id):
+        # A worker's heartbeat (`TrialHeartbeat`). A worker taken for dead whose trial ran
+        # again elsewhere may still be on it, as may the second runner once the first
+        # one's late result ended it: each stays a known worker while some run beats, so
+        # that the chief does not end the search under it.
+        now = time.time()
+        if self._running(trial_id):
+            self._last_seen[trial_id] = now
+        for tuner_id in self._runners.get(trial_id, ()):
+            current = self.ongoing_trials.get(tuner_id)
+            if current is None or current.trial_id == trial_id:
+                self._last_contact[tuner_id] = now
+                self.tuner_ids.add(tuner_id)
+        return super().get_trial(trial_id)
+
+    @shims.synchronized
     def update_trial(self, trial_id, metrics, step=0):
-        self._last_seen[trial_id] = time.time()  # a worker's heartbeat: it reports when its trial ends
+        if not self._running(trial_id):
+            return self.trials[trial_id]  # the late report of a run given up on (`fail_silent_trials`)
+        self._last_seen[trial_id] = time.time()
         return super().update_trial(trial_id, metrics, step=step)
 
     @shims.synchronized
     def fail_silent_trials(self, timeout):
         """Lets the search go on without dead workers (the chief calls this periodically).
 
-        A running trial whose worker has not reported for `timeout` s is ended as FAILED;
-        a worker with no trial that has not asked for one for `timeout` s is forgotten
-        (KerasTuner's chief otherwise waits for every worker it has seen to say goodbye).
+        A running trial whose worker has not reported for `timeout` s (workers report
+        through `TrialHeartbeat` while a trial runs) is given back, to run again on the
+        next worker that asks; a trial lost a second time ends FAILED. A worker with no
+        trial that has not asked for one for `timeout` s is forgotten (KerasTuner's chief
+        otherwise waits for every worker it has seen to say goodbye).
         """
         now = time.time()
         for tuner_id, trial in list(self.ongoing_trials.items()):
-            last = self._last_seen.get(trial.trial_id) or self._started.get(trial.trial_id) or now
-            self._last_seen.setdefault(trial.trial_id, last)
-            if now - last > timeout:
+            last = self._last_seen.setdefault(trial.trial_id, now)  # after a chief restart: from now
+            if now - last <= timeout:
+                continue
+            self._last_contact[tuner_id] = last
+            reason = f"worker {tuner_id} stopped reporting for {now - last:.0f} s"
+            losses = self._lost_runs.setdefault(trial.trial_id, [])
+            losses.append(reason)
+            self._runners.setdefault(trial.trial_id, set()).add(tuner_id)  # known after a chief restart too
+            if len(losses) == 1:
+                shims.requeue_trial(self, tuner_id)
+                self._started.pop(trial.trial_id, None)
+                self._last_seen.pop(trial.trial_id, None)
+                self.save()
+                self.log(f"trial {trial.trial_id}: {reason}; it runs again on the next worker that asks")
+            else:
                 trial.status = "FAILED"
-                trial.message = f"worker {tuner_id} stopped reporting for {now - last:.0f} s: trial abandoned"
+                trial.message = f"{reason} (its first run was lost too: {losses[0]}): trial abandoned"
                 self.end_trial(trial)
-                self._last_contact[tuner_id] = last
+                self.log(f"trial {trial.trial_id}: {trial.message}")
         for tuner_id in list(self.tuner_ids):
             idle_since = self._last_contact.setdefault(tuner_id, now)
             if tuner_id not in self.ongoing_trials and now - idle_since > timeout:
@@ -93,6 +139,8 @@ class BudgetedOracleMixin:
 
     @shims.synchronized  # the stop decision is made before another worker can get a trial
     def end_trial(self, trial):
+        if not self._running(trial.trial_id):
+            return  # the late end of a run given up on: the trial reran, or runs, elsewhere
         self._last_seen.pop(trial.trial_id, None)
         started = self._started.pop(trial.trial_id, None)
         if started is not None and trial.status == "COMPLETED":
@@ -100,6 +148,9 @@ class BudgetedOracleMixin:
             self._trial_costs.append([_cost_key(values), max(1, _epochs_to_run(values, self)), time.time() - started])
         super().end_trial(trial)
         self._stop_after_consecutive_failures()
+
+    def _running(self, trial_id):
+        return any(t.trial_id == trial_id for t in self.ongoing_trials.values())
 
     def _stop_after_consecutive_failures(self):
         # Counted here rather than by KerasTuner (built with max_consecutive_failed_trials
@@ -138,6 +189,18 @@ class BudgetedOracleMixin:
         return self.__dict__["_trial_last_seen"]
 
     @property
+    def _runners(self):
+        """{trial_id: every worker given it}: more than one for a trial run again."""
+        self.__dict__.setdefault("_trial_runners", {})
+        return self.__dict__["_trial_runners"]
+
+    @property
+    def _lost_runs(self):
+        """{trial_id: why each of its runs was lost}: a trial listed here was retried."""
+        self.__dict__.setdefault("_lost_runs_", {})
+        return self.__dict__["_lost_runs_"]
+
+    @property
     def _trial_costs(self):
         self.__dict__.setdefault("_trial_costs_", [])
         return self.__dict__["_trial_costs_"]
@@ -145,11 +208,13 @@ class BudgetedOracleMixin:
     def get_state(self):
         state = super().get_state()
         state["trial_costs"] = list(self._trial_costs)
+        state["lost_runs"] = {k: list(v) for k, v in self._lost_runs.items()}
         return state
 
     def set_state(self, state):
         super().set_state(state)
         self.__dict__["_trial_costs_"] = [list(x) for x in state.get("trial_costs", [])]
+        self.__dict__["_lost_runs_"] = {k: list(v) for k, v in state.get("lost_runs", {}).items()}
 
 
 def estimate_trial_seconds(costs, key, epochs):
@@ -200,6 +265,92 @@ class BayesianOptimizationOracle(BudgetedOracleMixin, kt.oracles.BayesianOptimiz
     pass
 
 
+class TrialHeartbeat:
+    """Tells the chief every `interval` s, from a thread, that this worker is on its trial.
+
+    KerasTuner's workers report to the oracle only when a trial ends, so the chief's
+    watchdog (`BudgetedOracleMixin.fail_silent_trials`) could not tell a long trial from
+    a dead worker. Asking the oracle for the trial (`Oracle.get_trial`, over gRPC) is
+    the report; it costs the chief a dictionary lookup.
+
+    Args:
+        oracle: The worker's `OracleClient`.
+        trial_id: The trial this worker runs.
+        interval: Seconds between reports.
+    """
+
+    def __init__(self, oracle, trial_id, interval):
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(oracle, trial_id, interval),
+                                        name=f"heartbeat-{trial_id}", daemon=True)
+        self._thread.start()
+
+    def _beat(self, oracle, trial_id, interval):
+        import grpc
+
+        while not self._stopped.wait(interval):
+            try:
+                oracle.get_trial(trial_id)
+            except grpc.RpcError:
+                pass  # the chief is busy or restarting: the next beat tries again
+
+    def stop(self):
+        self._stopped.set()
+
+
+class ReconnectingOracleClient:
+    """A worker's oracle client that rides out a chief restart.
+
+    KerasTuner's client waits for a chief that is down (`wait_for_ready`), but a call in
+    flight when the chief dies fails with UNAVAILABLE, and would end the worker (or
+    fail its trial). Such a call is sent again, every `pause_s`, for up to `patience_s`:
+    each is safe to repeat, since a chief that already took it answers a second
+    `create_trial` with the same trial and ignores a second `end_trial`.
+
+    Args:
+        client: KerasTuner's `OracleClient`.
+        patience_s: How long a chief may stay unreachable.
+    """
+
+    CALLS = ("get_space", "update_space", "create_trial", "update_trial", "end_trial", "get_trial",
+             "get_best_trials")
+
+    def __init__(self, client, patience_s, pause_s=1.0):
+        self._client = client
+        self._patience_s = patience_s
+        self._pause_s = pause_s
+
+    def __getattr__(self, name):
+        attribute = getattr(self._client, name)
+        if name not in self.CALLS:
+            return attribute
+
+        def call(*args, **kwargs):
+            import grpc
+
+            give_up = time.time() + self._patience_s
+            while True:
+                try:
+                    return attribute(*args, **kwargs)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or time.time() > give_up:
+                        raise
+                time.sleep(self._pause_s)
+
+        return call
+
+
+def heartbeat_interval(settings):
+    """Seconds between a worker's `TrialHeartbeat`s: --heartbeat, but at most a third of
+    --worker-timeout so that a missed beat or two is not taken for a dead worker; None
+    when --heartbeat is 0."""
+    if not settings.heartbeat_s:
+        return None
+    if not settings.worker_timeout_s:
+        return settings.heartbeat_s
+    return min(settings.heartbeat_s, settings.worker_timeout_s / 3)
+
+
 class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin,
                     shims.InterruptibleCallbackCopyMixin, kt.Tuner):
     """A KerasTuner `Tuner` that records each trial and keeps the leaderboard current.
@@ -209,14 +360,17 @@ class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin,
         hypermodel: A `TransferHyperModel`.
         run_dir: The run directory (the tuner project lives in `run_dir/tuner`).
         worker: Name of this process in the leaderboard ("local" unless distributed).
+        heartbeat_s: A distributed worker's seconds between `TrialHeartbeat`s; None for none.
         **kwargs: Passed to `kt.Tuner`.
     """
 
-    def __init__(self, oracle, hypermodel, run_dir, worker="local", log=print, **kwargs):
+    def __init__(self, oracle, hypermodel, run_dir, worker="local", log=print, heartbeat_s=None, **kwargs):
         self.run_dir = Path(run_dir)
         self.max_epochs_per_trial = getattr(oracle, "max_epochs_per_trial", 1)
         self.worker = worker
         self.log = log
+        self.heartbeat_s = heartbeat_s
+        self._heartbeat = None
         self._trial_started = {}
         self._gradients_before_trial = set()
         self._trial_fits = {}
@@ -264,6 +418,8 @@ class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin,
         super().on_trial_begin(trial)
         self._gradients_before_trial = shims.custom_gradient_keys()
         self._trial_started[trial.trial_id] = time.time()
+        if self.heartbeat_s:
+            self._heartbeat = TrialHeartbeat(self.oracle, trial.trial_id, self.heartbeat_s)
 
     def on_trial_end(self, trial):
         seconds = time.time() - self._trial_started.pop(trial.trial_id, time.time())
@@ -286,6 +442,9 @@ class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin,
         try:
             super().on_trial_end(trial)  # the oracle records the result (may raise on too many failures)
         finally:
+            if self._heartbeat is not None:  # beats until the chief has the trial's end
+                self._heartbeat.stop()
+                self._heartbeat = None
             frame = leaderboard.write(self.run_dir)
             self._print_trial(trial, record, frame)
             shims.forget_custom_gradients(self._gradients_before_trial)
@@ -358,7 +517,10 @@ class HyperbandTransferTuner(TransferTuner, kt.Hyperband):
 
 
 def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadline=None, distribution_strategy=None):
-    """Builds the tuner chosen by `settings.tuner`, resuming any state in `run_dir/tuner`."""
+    """Builds the tuner chosen by `settings.tuner`, resuming any state in `run_dir/tuner`.
+
+    A distributed worker (any `worker` but "local" and "chief") sends heartbeats while
+    its trials run (`heartbeat_interval`)."""
     common = dict(
         objective=kt.Objective(space.monitored(settings.objective), "max"),
         seed=settings.seed + 1,  # KerasTuner takes seed 0 for "no seed" (a random one)
@@ -379,13 +541,18 @@ def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadlin
     oracle.max_epochs_per_trial = settings.max_epochs
     oracle.max_failures = settings.max_consecutive_failures
     oracle.verbose = settings.verbose  # KerasTuner sets it in `search` too, but not on a worker
+    oracle.log = log
     tuner_class = HyperbandTransferTuner if settings.tuner == "hyperband" else TransferTuner
+    heartbeat_s = None if worker in ("local", "chief") else heartbeat_interval(settings)
     tuner = tuner_class(
-        oracle, hypermodel, run_dir, worker=worker, log=log, distribution_strategy=distribution_strategy
+        oracle, hypermodel, run_dir, worker=worker, log=log, heartbeat_s=heartbeat_s,
+        distribution_strategy=distribution_strategy,
     )
     # Set after construction: reloading oracle state would otherwise not see it.
     tuner.oracle.deadline = deadline
     tuner.oracle.stopped_by_budget = False
+    if worker not in ("local", "chief"):
+        tuner.oracle = ReconnectingOracleClient(tuner.oracle, CHIEF_PATIENCE_S)
     return tuner
 
 
@@ -402,9 +569,9 @@ def distribution_strategy(name):
     raise ValueError(f"strategy {name!r} is not one of none, mirrored, auto")
 
 
-def _fail_silent_trials(oracle, timeout, every=5.0):
+def _fail_silent_trials(oracle, timeout):
     while True:
-        time.sleep(every)
+        time.sleep(min(5.0, timeout / 2))
         oracle.fail_silent_trials(timeout)
 
 
@@ -418,9 +585,10 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         feature_cache: Optional `FeatureCache`.
         worker: "local"; in distributed mode "chief" (serves the oracle) or the worker id
             (KERASTUNER_* variables must then be set: see `configure_distributed`).
-        until: For a chief whose workers it started itself: returns once they all ended the
-            search (`LocalWorkers.wait`). KerasTuner's chief then serves on in a daemon
-            thread instead of polling every 20 s for workers that are gone.
+        until: For a chief whose workers it started itself: `until(serving)` returns once
+            they all ended the search, or once `serving()` is false, KerasTuner's chief
+            having ended the search (`LocalWorkers.wait`). The chief then serves in a
+            daemon thread instead of polling every 20 s for workers that are gone.
 
     Returns:
         A dict: trials, completed, stopped_by_budget, best (best_hparams.json or None).
@@ -440,7 +608,7 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
     tensorboard = keras.callbacks.TensorBoard(
         log_dir=str(Path(run_dir) / "tensorboard"), write_graph=False, profile_batch=0
     )
-    if worker == "chief":
+    if worker == "chief" and settings.worker_timeout_s:
         watchdog = threading.Thread(
             target=_fail_silent_trials, args=(tuner.oracle, settings.worker_timeout_s), daemon=True
         )
@@ -453,8 +621,13 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
     if until is None:
         tuner.search(data, callbacks=[tensorboard], verbose=settings.verbose)
     else:
-        threading.Thread(target=tuner.search, args=(data,), daemon=True).start()
-        until()
+        serving = threading.Thread(target=tuner.search, args=(data,), daemon=True)
+        serving.start()
+        until(serving.is_alive)
+    if worker not in ("local", "chief"):
+        log(f"worker {worker}: the chief has no trial left for it; its search is over")
+    elif worker == "chief":
+        _say_what_was_left(tuner.oracle, log)
     frame = leaderboard.write(run_dir)
     stop_reason = getattr(tuner.oracle, "stop_reason", None)  # a worker's oracle is a gRPC client
     if stop_reason:
@@ -467,6 +640,15 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         "best": best,
         "leaderboard": frame,
     }
+
+
+def _say_what_was_left(oracle, log):
+    """One line for the trials a dead worker left that no worker ran again (none was left)."""
+    left = sorted(t for t in oracle._lost_runs if oracle.trials[t].status not in leaderboard.ENDED)
+    if left:
+        log(f"trial{'s' * (len(left) > 1)} {', '.join(left)} lost with {'their workers' if len(left) > 1 else 'its worker'} "
+            "did not run again (no worker was left): rerun the same command to run "
+            f"{'them' if len(left) > 1 else 'it'} first")
 
 
 def configure_distributed(role, oracle_address, worker_id=None):
