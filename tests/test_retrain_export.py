@@ -16,13 +16,9 @@ from tuning import runtimes
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """The whole smoke job, restricted to configurations that fine-tune (2 or 5 blocks),
-    so that the retrain's phase 2 really trains."""
-    run_dir = tmp_path_factory.mktemp("job") / "run"
-    result = run_cli("--profile", "smoke", "--unfrozen-blocks", "2,5", "--run-dir", run_dir)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir, result
+def job(smoke_job):
+    """The whole smoke job (tests/conftest.py): its run dir and the job's CompletedProcess."""
+    return smoke_job.run_dir, smoke_job.job
 
 
 def epoch_scalars(log_dir, tag):
