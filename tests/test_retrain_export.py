@@ -310,8 +310,10 @@ def synthetic_idx_dataset(folder, per_class_train=200, per_class_test=50, seed=0
 def test_whole_job_on_a_dataset_that_is_not_fashion_mnist(tmp_path):
     data = synthetic_idx_dataset(tmp_path / "shapes")
     run_dir = tmp_path / "run"
+    # Wiring through the whole job, not the search: two random trials (the smoke job runs
+    # Hyperband), the SavedModel alone (every format is exported and scored on the smoke job).
     result = run_cli("--profile", "smoke", "--data", data, "--run-dir", run_dir, "--val-subset", "0",
-                     "--formats", "savedmodel")  # every format is exported and scored on the smoke job
+                     "--tuner", "random", "--max-trials", "2", "--formats", "savedmodel")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["class_names"] == ["horizontal bar", "vertical bar", "ring"]
