@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from cli import assert_user_error, free_port, run_cli
+from reference import assert_recorded_accuracies_are_the_checkpoints
 
 # A search small enough to cost seconds: 300 training / 100 validation images at 48 px.
 SMALL = ("--profile", "smoke", "--train-subset", "300", "--val-subset", "100")
@@ -38,10 +39,9 @@ def bayesian_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A finished 2-trial random search: the existing run that --overwrite meets."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    result = run_cli("search", *SMALL, "--tuner", "random", "--max-trials", "2", "--run-dir", run_dir)
+def finished_run(bayesian_run):
+    """A finished 2-trial search (the Bayesian one): the existing run that --overwrite meets."""
+    run_dir, result = bayesian_run
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert len(leaderboard(run_dir)) == 2
     return run_dir
@@ -60,8 +60,7 @@ def test_bayesian_tuner_runs_its_trials_through_the_cli(bayesian_run):
     assert list(board["status"]) == ["COMPLETED", "COMPLETED"]
     assert (board["val_accuracy"] > 0.2).all() and (board["val_accuracy"] <= 1).all()  # above chance (0.1)
     assert len(trial_dirs(run_dir)) == 2
-    best = json.loads((run_dir / "best_hparams.json").read_text())
-    assert best["val_accuracy"] == pytest.approx(board["val_accuracy"].max())
+    assert_recorded_accuracies_are_the_checkpoints(run_dir, board)
 
 
 def test_overwrite_starts_a_run_afresh(finished_run, tmp_path):
@@ -121,7 +120,7 @@ def test_a_worker_refuses_overwrite_and_leaves_the_shared_run_dir_alone(finished
     shutil.copytree(finished_run, shared)
     before = snapshot(shared)
     try:  # no chief listens on this port: a worker that does not refuse waits for it
-        result = run_cli("search", *SMALL, "--tuner", "random", "--max-trials", "2", "--run-dir", shared,
+        result = run_cli("search", *SMALL, "--tuner", "bayesian", "--max-trials", "2", "--run-dir", shared,
                              "--distributed", "worker", "--worker-id", "w1", "--oracle", f"127.0.0.1:{free_port()}",
                              "--overwrite", timeout=60)
     except subprocess.TimeoutExpired:

@@ -1,5 +1,6 @@
 """The whole job (search → retrain → export → report), the SavedModel and predict."""
 
+import dataclasses
 import json
 import subprocess
 
@@ -16,13 +17,9 @@ from tuning import runtimes
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """The whole smoke job, restricted to configurations that fine-tune (2 or 5 blocks),
-    so that the retrain's phase 2 really trains."""
-    run_dir = tmp_path_factory.mktemp("job") / "run"
-    result = run_cli("--profile", "smoke", "--unfrozen-blocks", "2,5", "--run-dir", run_dir)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir, result
+def job(smoke_job):
+    """The whole smoke job (tests/conftest.py): its run dir and the job's CompletedProcess."""
+    return smoke_job.run_dir, smoke_job.job
 
 
 def epoch_scalars(log_dir, tag):
@@ -313,8 +310,10 @@ def synthetic_idx_dataset(folder, per_class_train=200, per_class_test=50, seed=0
 def test_whole_job_on_a_dataset_that_is_not_fashion_mnist(tmp_path):
     data = synthetic_idx_dataset(tmp_path / "shapes")
     run_dir = tmp_path / "run"
+    # Wiring through the whole job, not the search: two random trials (the smoke job runs
+    # Hyperband), the SavedModel alone (every format is exported and scored on the smoke job).
     result = run_cli("--profile", "smoke", "--data", data, "--run-dir", run_dir, "--val-subset", "0",
-                     "--formats", "savedmodel")  # every format is exported and scored on the smoke job
+                     "--tuner", "random", "--max-trials", "2", "--formats", "savedmodel")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["class_names"] == ["horizontal bar", "vertical bar", "ring"]
@@ -435,12 +434,21 @@ def test_int8_calibrated_on_constant_images_is_marked_rejected(job, tmp_path):
     copy.mkdir()
     for name in ("config.json", "best_hparams.json", "metrics.json", "model.keras"):
         shutil.copy(run_dir / name, copy / name)
-    settings = Settings.from_dict({**read_config(copy)["settings"], "formats": ("tflite-int8",)})
+    # Wiring, not learning: no top tuning (a zero feature budget) and 2000 test images.
+    settings = Settings.from_dict({**read_config(copy)["settings"], "formats": ("tflite-int8",),
+                                   "cache_budget_mb": 0})
+    dataset = load_dataset()
+    dataset = dataclasses.replace(dataset, x_test=dataset.x_test[:2000], y_test=dataset.y_test[:2000])
     constant = np.full((64, 28, 28), 255, dtype=np.uint8)
-    records = export(copy, settings, load_dataset(), log=lambda _: None, calibration=constant)
+    records = export(copy, settings, dataset, log=lambda _: None, calibration=constant)
     record = records["tflite-int8"]
-    assert (copy / "export" / "model_int8.tflite").is_file()
-    assert record["status"] == "rejected" and record["drop_pp"] > 1.0, record
+    # The file is written, scored by its runtime (run here) far below the float model,
+    # and rejected for that drop.
+    accuracy = np.mean(litert_classes(copy / "export" / "model_int8.tflite", dataset.x_test) == dataset.y_test)
+    assert record["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    keras_accuracy = json.loads((run_dir / "metrics.json").read_text())["test_accuracy"]
+    assert keras_accuracy - accuracy > 0.05, (keras_accuracy, accuracy)
+    assert record["status"] == "rejected" and record["drop_pp"] > settings.max_accuracy_drop, record
     assert f"accuracy drop {record['drop_pp']:.2f} pp" in record["rejected_because"]
     saved = json.loads((copy / "metrics.json").read_text())["exports"]["tflite-int8"]
     assert saved["status"] == "rejected"
