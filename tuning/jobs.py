@@ -254,20 +254,6 @@ def record_search_images(run_dir, data):
     atomic.write_json(Path(run_dir) / CONFIG_FILE, record)
 
 
-def search_worker(run_dir, oracle, worker_id):
-    """One of `search`'s local workers (`tuning/local_workers.py` starts it): trains the
-    trials the chief at `oracle` hands out, with the run's settings from config.json."""
-    from tuning.run_dir import read_config
-    from tuning.settings import Settings
-    from tuning.tuner import configure_distributed, run_search
-
-    settings = Settings.from_dict(read_config(run_dir)["settings"])
-    worker = configure_distributed("worker", oracle, worker_id)
-    data = search_data(materialize(load_source(settings), settings, run_dir), settings)
-    run_search(settings, data, run_dir, feature_cache=feature_cache(settings, run_dir), log=log, worker=worker)
-    return 0
-
-
 def feature_cache(settings, run_dir):
     """The run's `FeatureCache` (in `run_dir/feature_cache`), or None when it is off."""
     from data_pipeline.feature_cache import FeatureCache

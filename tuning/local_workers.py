@@ -6,7 +6,7 @@ training steps from using two cores well. N worker processes, each on its share 
 cores, keep every core busy. With GPUs, each worker trains on a GPU of its own. They use
 KerasTuner's own chief/worker mode: this process serves the oracle on a free 127.0.0.1
 port and trains nothing; each worker
-(`python -m tuning.local_workers RUN_DIR ORACLE WORKER_ID THREADS`) reads the run's
+(`python -m tuning.search_worker RUN_DIR ORACLE WORKER_ID THREADS`) reads the run's
 settings from its `config.json`, asks the chief for trials and trains them.
 """
 
@@ -15,12 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHIEF_CHECK_S = 1.0  # how often a worker checks that the chief that started it is alive
 EXIT_GRACE_S = 15.0  # a worker the oracle told to stop has this long to exit by itself
 
 
@@ -104,7 +102,7 @@ class LocalWorkers:
             if self.devices is not None:
                 environment["CUDA_VISIBLE_DEVICES"] = self.devices[k - 1]
             self.processes[worker_id] = subprocess.Popen(
-                [sys.executable, "-m", "tuning.local_workers", str(run_dir), self.oracle, worker_id,
+                [sys.executable, "-m", "tuning.search_worker", str(run_dir), self.oracle, worker_id,
                  str(self.threads)], cwd=ROOT, env=environment)
         self.log(f"{self.count} local workers ({self.threads} thread{'s' * (self.threads > 1)} each) "
                  f"ask the oracle at {self.oracle} for trials")
@@ -150,36 +148,3 @@ class LocalWorkers:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
-
-
-def exit_with_chief(worker_id, chief_pid):
-    """Ends this worker, with a line saying why, once the chief that started it is gone
-    (killed: it could not stop its workers), rather than wait on its oracle for an hour."""
-
-    def watch():
-        while os.getppid() == chief_pid:
-            time.sleep(CHIEF_CHECK_S)
-        print(f"worker {worker_id}: its chief (process {chief_pid}) is gone; exiting", file=sys.stderr, flush=True)
-        os._exit(3)
-
-    threading.Thread(target=watch, name="chief-watch", daemon=True).start()
-
-
-def main(argv):
-    run_dir, oracle, worker_id, threads = argv
-    exit_with_chief(worker_id, os.getppid())
-    from common.native_output import quiet_import_tensorflow
-
-    quiet_import_tensorflow()  # as the chief does: no C++ start-up lines from any process
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-    tf.config.threading.set_inter_op_parallelism_threads(int(threads))
-    from tuning import jobs
-
-    jobs.silence_library_warnings()
-    return jobs.search_worker(Path(run_dir), oracle, worker_id)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
