@@ -49,12 +49,24 @@ The shims:
 13. `requeue_trial`: hands a running trial back to the oracle's retry queue
    (`Oracle._retry_queue`, which `create_trial` serves before any new trial), so the
    trial of a worker that died runs again on another worker.
+14. `running_trials`, `waiting_workers`, `ended_trial_ids`: the oracle's undocumented
+   bookkeeping (`Oracle.ongoing_trials`, `tuner_ids`, `end_order`): which worker runs
+   which trial, the workers a distributed chief waits for before it ends the search
+   (a worker kept there waits with the others; one dropped is no longer waited for),
+   and the order trials ended in.
+15. `proposal_undone`: `Oracle.get_state` / `set_state` restore every effect of a
+   `populate_space` call (Hyperband's bracket bookkeeping, the random state, the tried
+   values), so a proposal the time budget cannot afford is taken back as if never made.
+16. `IdleAskPauseMixin`: `BaseTuner.search` calls the undocumented `pre_create_trial`
+   before each ask for a trial; a worker the oracle answers IDLE asks again at once,
+   flooding the chief, unless this hook pauses it.
 """
 
 import copy
 import functools
 import os
 import threading
+import time
 
 import keras
 import keras_tuner as kt
@@ -306,3 +318,62 @@ def requeue_trial(oracle, tuner_id):
     trial = oracle.ongoing_trials.pop(tuner_id)
     oracle._retry_queue.append(trial.trial_id)
     return trial
+
+
+# 14.
+_probe_oracle = kt.Oracle(objective="val_loss", max_trials=1)
+for _name in ("ongoing_trials", "tuner_ids", "end_order"):
+    _require(_probe_oracle, _name)
+
+
+def running_trials(oracle):
+    """{worker id: its running `Trial`}: the oracle's own table (change it under its lock)."""
+    return oracle.ongoing_trials
+
+
+def waiting_workers(oracle):
+    """The set of worker ids a distributed chief waits for before it ends the search."""
+    return oracle.tuner_ids
+
+
+def ended_trial_ids(oracle):
+    """The ids of the ended trials, in the order they ended."""
+    return oracle.end_order
+
+
+# 15.
+class proposal_undone:
+    """`with proposal_undone(oracle) as undo: ... undo()` takes back what the oracle's
+    state changed inside the block (a `populate_space` proposal) when `undo` is called."""
+
+    def __init__(self, oracle):
+        self.oracle = oracle
+
+    def __enter__(self):
+        snapshot = copy.deepcopy(self.oracle.get_state())
+        return lambda: self.oracle.set_state(snapshot)
+
+    def __exit__(self, *exc):
+        return False
+
+
+# 16.
+_require(kt.engine.base_tuner.BaseTuner, "pre_create_trial")
+
+
+class IdleAskPauseMixin:
+    """For a `kt.Tuner`: pauses `idle_pause_s` before a worker asks again for a trial
+    after an ask that got none (KerasTuner's search loop asks again at once while the
+    oracle answers IDLE, which floods a chief and slows every other worker's reports)."""
+
+    idle_pause_s = 0.5
+    _asked_without_trial = False
+
+    def pre_create_trial(self):
+        if self._asked_without_trial:
+            time.sleep(self.idle_pause_s)
+        self._asked_without_trial = True
+
+    def on_trial_begin(self, trial):
+        self._asked_without_trial = False
+        super().on_trial_begin(trial)

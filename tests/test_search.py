@@ -275,7 +275,7 @@ def test_gpu_profile_runs_on_cpu_with_a_tiny_budget(tmp_path):
 def test_a_long_rounds_cost_is_estimated_from_fixed_cost_plus_its_rate_not_from_one_round_trials():
     """Short Hyperband rounds are mostly fixed cost: a search that read a nine-round trial's
     cost off one-round trials (seconds / rounds) would stop with minutes unused."""
-    from tuning.tuner import estimate_trial_seconds
+    from tuning.oracle import estimate_trial_seconds
 
     fixed, rate = {"a": 8.0, "b": 8.0}, {"a": 3.0, "b": 9.0}  # how these made-up trials cost
     runs = [("a", 1), ("a", 1), ("a", 1), ("b", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 6)]

@@ -334,7 +334,7 @@ def test_keras_traces_the_first_train_step_twice_unless_its_variables_are_built_
     assert train_step_traces(build_first=True) == 1
 
 
-# Consecutive failures (tuning.tuner.BudgetedOracleMixin, with KerasTuner's own check off) --
+# Consecutive failures (tuning.oracle.BudgetedOracleMixin, with KerasTuner's own check off) --
 
 
 def end_trials(oracle, statuses):
@@ -350,7 +350,7 @@ def end_trials(oracle, statuses):
 
 @pytest.fixture
 def budgeted_oracle(tmp_path):
-    from tuning.tuner import RandomSearchOracle
+    from tuning.oracle import RandomSearchOracle
 
     def make():
         oracle = RandomSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=20, seed=1,
@@ -568,3 +568,60 @@ def test_a_requeued_trial_is_the_next_trial_any_worker_gets_with_its_id_and_valu
     assert again.hyperparameters.values == lost.hyperparameters.values
     assert oracle.ongoing_trials["w2"].trial_id == lost.trial_id
     assert oracle.create_trial("w3").trial_id != lost.trial_id  # handed out once
+
+
+# 14. running_trials / waiting_workers / ended_trial_ids -----------------------------------
+
+
+def test_the_oracles_bookkeeping_tracks_runs_workers_and_the_end_order(tmp_path):
+    oracle = kt.RandomSearch(TinyHyperModel(), objective="val_loss", max_trials=5, directory=str(tmp_path),
+                             project_name="p", seed=1).oracle
+    first, second = oracle.create_trial("w1"), oracle.create_trial("w2")
+    assert {w: t.trial_id for w, t in shims.running_trials(oracle).items()} == {
+        "w1": first.trial_id, "w2": second.trial_id}
+    assert {"w1", "w2"} <= shims.waiting_workers(oracle)
+    for trial in (second, first):
+        trial.status = "COMPLETED"
+        oracle.update_trial(trial.trial_id, {"val_loss": 1.0})
+        oracle.end_trial(trial)
+    assert shims.ended_trial_ids(oracle) == [second.trial_id, first.trial_id]
+    assert shims.running_trials(oracle) == {}
+
+
+# 15. proposal_undone -----------------------------------------------------------------------
+
+
+def test_an_undone_proposal_leaves_the_oracle_as_if_it_had_never_been_made(tmp_path):
+    oracle = kt.Hyperband(TinyHyperModel(), objective="val_loss", max_epochs=4, factor=2, seed=1,
+                          directory=str(tmp_path), project_name="p").oracle
+    hp = kt.HyperParameters()
+    hp.Float("lr", 1e-4, 1e-2, sampling="log")
+    oracle.update_space(hp)
+    with shims.proposal_undone(oracle) as undo:
+        proposed = oracle.populate_space("t0")
+        undo()
+    assert proposed["status"] == "RUNNING"
+    assert oracle.populate_space("t0") == proposed  # the same values, bracket and round: nothing used up
+    with shims.proposal_undone(oracle):
+        kept = oracle.populate_space("t1")  # not undone: the next proposal is another one
+    assert oracle.populate_space("t2")["values"]["lr"] != kept["values"]["lr"]
+
+
+# 16. IdleAskPauseMixin -------------------------------------------------------------------
+
+
+def test_keras_tuners_search_loop_calls_pre_create_trial_before_each_ask(tmp_path):
+    asks = []
+
+    class Counting(shims.IdleAskPauseMixin, kt.RandomSearch):
+        idle_pause_s = 0.0
+
+        def pre_create_trial(self):
+            asks.append(self.oracle.ongoing_trials.copy())
+            super().pre_create_trial()
+
+    x, y = np.zeros((8, 4), "float32"), np.zeros(8, "int32")
+    tuner = Counting(TinyHyperModel(), objective="val_loss", max_trials=2, directory=str(tmp_path), project_name="p")
+    tuner.search(x, y, validation_data=(x, y), epochs=1, verbose=0)
+    assert len(asks) == 3  # two trials, and the ask that found the search over
+    assert tuner._asked_without_trial  # the last ask got no trial: the next would pause
