@@ -116,6 +116,8 @@ def test_a_search_round_is_images_seen_not_a_share_of_a_pass(digits, digits_deco
         return settings.epoch_fraction * len(data.y_train)
 
     assert round_images(small, digits_decoded) == pytest.approx(round_images(large, fashion), rel=0.01)
+    # Cheap trials on a small dataset: the smoke search sweeps its brackets again until its budget.
+    assert decided(digits, "smoke")[0].hyperband_iterations > decided(fashion, "smoke")[0].hyperband_iterations
 
 
 def test_fine_tuning_depth_follows_the_training_images(digits, fashion):

@@ -23,6 +23,8 @@ JOB_S_PER_IMAGE = 0.066
 SEARCH_SHARE_OF_JOB = 0.4
 # The weights' moving average spans about this many passes of the retrain's phase 2.
 EMA_PASSES = 1.2
+# Hyperband bracket sweeps on a dataset smaller than the profile's search slice.
+SMALL_DATA_BRACKET_SWEEPS = 3
 # An exported artifact may differ from the Keras model on this many test images before
 # its accuracy drop is judged: below that, the drop is rounding, not damage.
 EXPORT_DROP_IMAGES = 2
@@ -128,6 +130,11 @@ def decide(settings, facts, explicit=()):
              f"a round of the search trains on {settings.round_images:,} images: "
              + (f"{fraction:.2g} of a pass over {searched:,}" if fraction < 1 else
                 f"{fraction:.1f} passes over {searched:,}"))
+    if (settings.tuner == "hyperband" and settings.time_budget_s and settings.train_subset
+            and searched < settings.train_subset and settings.hyperband_iterations < SMALL_DATA_BRACKET_SWEEPS):
+        take("hyperband_iterations", SMALL_DATA_BRACKET_SWEEPS,
+             f"the search slice is all {searched:,} training images, under the profile's {settings.train_subset:,}: "
+             "trials are cheap, so brackets repeat until the time budget ends them")
     if settings.job_time_budget_s:
         budget = min(settings.job_time_budget_s, JOB_FIXED_S + JOB_S_PER_IMAGE * facts.train_images)
         if budget < settings.job_time_budget_s:
