@@ -8,11 +8,11 @@ import common.tensorflow_env  # noqa: F401  (before anything imports TensorFlow)
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
 from common.errors import UsageError, UserError
+from common.native_output import quiet_import_tensorflow
 from tuning.settings import BY_NAME, JOB, SETTINGS
 
 COMMANDS = {
@@ -172,23 +172,6 @@ def check_distributed(settings):
     if settings.distributed and settings.workers > 1:
         raise UsageError(f"--workers {settings.workers} starts workers on this machine: it does not go with "
                          f"--distributed {settings.distributed} (start each worker yourself)")
-
-
-def quiet_import_tensorflow():
-    """Imports TensorFlow with its native start-up logging (printed to fd 2 before any
-    log level applies: CUDA probing, CPU features) sent to /dev/null."""
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def dispatch(invocation):

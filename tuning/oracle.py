@@ -17,6 +17,11 @@ from common import shims
 from hypermodel.footprint import is_rejection
 
 
+def _created_on_first_use(name, factory):
+    """A property holding `factory()`, created in the instance's __dict__ when first read."""
+    return property(lambda self: self.__dict__.setdefault(name, factory()))
+
+
 class BudgetedOracleMixin:
     """Stops the search (status STOPPED) instead of starting a trial that would overrun.
 
@@ -154,37 +159,13 @@ class BudgetedOracleMixin:
             return None
         return estimate_trial_seconds(self._trial_costs, _cost_key(values), _epochs_to_run(values, self))
 
-    @property
-    def _started(self):
-        self.__dict__.setdefault("_trial_started", {})
-        return self.__dict__["_trial_started"]
-
-    @property
-    def _last_contact(self):
-        self.__dict__.setdefault("_tuner_last_contact", {})
-        return self.__dict__["_tuner_last_contact"]
-
-    @property
-    def _last_seen(self):
-        self.__dict__.setdefault("_trial_last_seen", {})
-        return self.__dict__["_trial_last_seen"]
-
-    @property
-    def _runners(self):
-        """{trial_id: every worker given it}: more than one for a trial run again."""
-        self.__dict__.setdefault("_trial_runners", {})
-        return self.__dict__["_trial_runners"]
-
-    @property
-    def _lost_runs(self):
-        """{trial_id: why each of its runs was lost}: a trial listed here was retried."""
-        self.__dict__.setdefault("_lost_runs_", {})
-        return self.__dict__["_lost_runs_"]
-
-    @property
-    def _trial_costs(self):
-        self.__dict__.setdefault("_trial_costs_", [])
-        return self.__dict__["_trial_costs_"]
+    # State created on first use: KerasTuner builds the oracles, so the mixin has no __init__.
+    _started = _created_on_first_use("_trial_started", dict)
+    _last_contact = _created_on_first_use("_tuner_last_contact", dict)
+    _last_seen = _created_on_first_use("_trial_last_seen", dict)
+    _runners = _created_on_first_use("_trial_runners", dict)  # {trial_id: every worker given it}
+    _lost_runs = _created_on_first_use("_lost_runs_", dict)  # {trial_id: why each lost run was lost}
+    _trial_costs = _created_on_first_use("_trial_costs_", list)  # [cost key, epochs, seconds] per trial
 
     def get_state(self):
         state = super().get_state()
