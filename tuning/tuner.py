@@ -213,6 +213,11 @@ class BudgetedOracleMixin:
 
     def set_state(self, state):
         super().set_state(state)
+        # KerasTuner saves oracle.json in `end_trial` before it takes the trial off
+        # `ongoing_trials`: after a kill there, a resumed chief would hand the ended trial
+        # to its worker again.
+        self.ongoing_trials = {tuner_id: trial for tuner_id, trial in self.ongoing_trials.items()
+                               if trial.status not in leaderboard.ENDED}
         self.__dict__["_trial_costs_"] = [list(x) for x in state.get("trial_costs", [])]
         self.__dict__["_lost_runs_"] = {k: list(v) for k, v in state.get("lost_runs", {}).items()}
 
