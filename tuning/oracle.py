@@ -15,6 +15,7 @@ import numpy as np
 
 from common import shims
 from hypermodel.footprint import is_rejection
+from tuning.leaderboard import ENDED
 
 
 def _created_on_first_use(name, factory):
@@ -175,6 +176,12 @@ class BudgetedOracleMixin:
 
     def set_state(self, state):
         super().set_state(state)
+        # KerasTuner saves oracle.json in `end_trial` before it takes the trial off the
+        # running ones: after a kill there, a resumed chief would hand the ended trial to
+        # its worker again.
+        running = shims.running_trials(self)
+        for tuner_id in [w for w, trial in running.items() if trial.status in ENDED]:
+            del running[tuner_id]
         self.__dict__["_trial_costs_"] = [list(x) for x in state.get("trial_costs", [])]
         self.__dict__["_lost_runs_"] = {k: list(v) for k, v in state.get("lost_runs", {}).items()}
 
