@@ -42,7 +42,7 @@ def test_whole_job_on_an_image_folder(folder_job):
     majority = test["label"].value_counts().max() / len(test)
     assert metrics["test_accuracy"] > majority + 0.1, (metrics["test_accuracy"], majority)
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["settings"]["choices"]["resolutions"] == [64]  # the smoke profile's, as the images allow
+    assert config["settings"]["choices"]["resolutions"] == [96]  # a 3×3 final feature map: the smoke profile's size
     # The misclassified grid is there exactly when test files are misclassified, counted
     # here from the export's own predictions on the raw files (±1: a near tie).
     wrong = int(np.sum(export_classes(root, run_dir, test["path"]) != test["label"].to_numpy()))

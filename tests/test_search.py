@@ -134,11 +134,15 @@ def test_offline_gpu_profile_falls_back_to_the_shipped_weights(tmp_path, empty_k
     from tuning.cli import parse, resolve_settings
     from tuning.jobs import with_available_backbones
 
+    from data_pipeline import load_dataset
+    from tuning.jobs import decided
+
     settings = resolve_settings(parse(["--profile", "gpu", "--offline", "--run-dir", str(tmp_path / "r")]).options)
+    settings, _ = decided(settings, load_dataset(None), log=lambda _: None)  # as `search` does first
     settings, dropped = with_available_backbones(settings, explicit=False)
     assert set(dropped) == {"resnet50", "efficientnet_b0", "mobilenet_v2_1.0"}
     assert settings.choices.backbones == ("mobilenet_v2_0.5", "mobilenet_v2_0.35")
-    assert settings.choices.resolutions == (96, 160, 224)
+    assert settings.choices.resolutions == (96,)  # 28 px images: the gpu profile's smallest size, 3×3 at the end
     assert "warning: profile gpu" in capsys.readouterr().out
 
 

@@ -187,16 +187,20 @@ def dispatch(invocation):
     if command == "predict":
         return jobs.predict(options["model"], options["inputs"], options.get("output"),
                             before_model=quiet_import_tensorflow)
+    if command in ("tensorboard", "report", "export", "retrain"):
+        from tuning.run_dir import read_config
+
+        run_dir = existing_run_dir(options)
+        read_config(run_dir)  # a directory that is no run is refused before TensorFlow loads
     quiet_import_tensorflow()
     jobs.silence_library_warnings()
     if command == "tensorboard":
-        return jobs.tensorboard(existing_run_dir(options), options.get("host", "127.0.0.1"),
-                                options.get("port", 6006))
+        return jobs.tensorboard(run_dir, options.get("host", "127.0.0.1"), options.get("port", 6006))
     if command == "report":
-        return jobs.report(existing_run_dir(options))
+        return jobs.report(run_dir)
     if command in ("export", "retrain"):
         overrides = {k: v for k, v in options.items() if k != "run_dir"}
-        return getattr(jobs, command)(existing_run_dir(options), overrides)
+        return getattr(jobs, command)(run_dir, overrides)
     settings = resolve_settings(options)
     run = jobs.search if command == "search" else jobs.whole_job
     return run(settings, explicit=tuple(options))
