@@ -14,7 +14,7 @@ balanced accuracy, macro-F1, wall time):
   carved from train by source identity (at most SELECT_TRAIN/SELECT_VAL images), then
   the regression is refit on all of train at that choice.
 - hand: the keras-io "Transfer learning & fine-tuning" guide's two phases with its fixed
-  settings (benchmarks/hand_recipe.py's folder mode), given the default job's wall time
+  settings (benchmarks/hand_recipe_folder.py), given the default job's wall time
   (that of this run, else the one recorded in the dataset's JSON, else --hand-wall-time).
 - smoke: `python search.py --profile smoke --data ROOT --run-dir …`.
 - default: `python search.py --data ROOT --run-dir …` (up to an hour a dataset).
@@ -52,7 +52,7 @@ WEIGHTS = ROOT / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.
 RESOLUTIONS = (96, 128, 160, 224)
 CS = (0.01, 0.1, 1.0, 10.0)
 VALIDATION_FRACTION = 0.2
-SELECT_TRAIN, SELECT_VAL = 4000, 1500
+SELECT_TRAIN, SELECT_VAL = 3000, 1000
 BATCH = 64
 
 
@@ -245,7 +245,7 @@ def run_cli_job(root, meta, stage, run_dir, log):
 
 
 def run_hand(root, meta, wall_time, log):
-    command = [sys.executable, "benchmarks/hand_recipe.py", "--data", str(root)]
+    command = [sys.executable, "benchmarks/hand_recipe_folder.py", "--data", str(root)]
     if wall_time:
         command += ["--wall-time", str(round(wall_time))]
     started = time.time()

@@ -7,11 +7,14 @@ table's typographic family), and whole families go to train or test, so no weigh
 italic of a test font is seen in training. At most STYLES_PER_FAMILY styles per family
 (Noto alone ships 18 weights of each) keep families from dominating. A font is skipped
 if its cmap lacks one of the 62 characters; its lowercase is dropped where it draws
-lowercase as the uppercase glyphs (all-caps display faces).
+lowercase as the uppercase glyphs (all-caps display faces), and small-caps families
+(SMALL_CAPS in the name) are skipped, as are the GFS packages (Greek faces that draw
+Greek letters at Latin code points).
 """
 
 from collections import defaultdict
 from pathlib import Path
+import re
 import string
 
 import numpy as np
@@ -26,6 +29,7 @@ PACKAGES = tuple((Path(__file__).with_name("glyph_fonts.txt")).read_text().split
 SOURCE = f"{len(PACKAGES)} Debian fonts-* packages (list in benchmarks/datasets/glyph_fonts.txt), rendered with Pillow"
 COVERS = "glyphs where a flip changes the class, many classes (62), large set (≥ 20 000)"
 SPLIT = "by font family: 25 % of families (sha1-ranked) test"
+SMALL_CAPS = re.compile(r"(small ?caps|\bSC\b|\bcaps\b)", re.IGNORECASE)
 CHARACTERS = string.digits + string.ascii_uppercase + string.ascii_lowercase
 
 
@@ -90,7 +94,7 @@ def build(root):
     skipped = 0
     for path in font_files():
         family, covered, own_lowercase = family_and_coverage(path)
-        if not covered:
+        if not covered or SMALL_CAPS.search(family):
             skipped += 1
             continue
         families[family].append((path, own_lowercase))
