@@ -280,12 +280,28 @@ def print_table(rows):
         print(f"{meta['name']:<13}{meta['images']:>7}{meta['classes']:>5}{meta['imbalance']:>7} | " + " | ".join(cells))
 
 
+def print_markdown(metas):
+    """The datasets' table (README) from their dataset.json."""
+    print("| name | source package | licence | images (train/test) | classes | sides px (min/median/max) "
+          "| imbalance | smallest class | covers |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for meta in metas:
+        licences = sorted({v for v in meta["licence"].values()})
+        licence = "; ".join(licences) if len(licences) <= 3 else f"{len(licences)} licences, mostly " + \
+            max(licences, key=lambda v: sum(x == v for x in meta["licence"].values()))
+        print(f"| {meta['name']} | {meta['source']} | {licence} | {meta['images']} ({meta['train']}/{meta['test']}) "
+              f"| {meta['classes']} | {meta['side_min']}/{meta['side_median']}/{meta['side_max']} "
+              f"| {meta['imbalance']}:1 | {meta['smallest_class']} | {meta['covers']} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", help=f"comma-separated subset of {','.join(DATASETS)}")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--list", action="store_true", help="list the datasets and exit")
     parser.add_argument("--build-only", action="store_true", help="build (or find cached) datasets and exit")
+    parser.add_argument("--markdown", action="store_true",
+                        help="build (or find cached) datasets and print their table for datasets/README.md")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the datasets' cached trees")
     parser.add_argument("--hand-wall-time", type=float,
                         help="seconds for the hand recipe where no default job's wall time is known")
@@ -301,6 +317,9 @@ def main():
         sys.exit(f"suite.py: unknown {', '.join(bad)}; datasets: {', '.join(DATASETS)}; stages: {', '.join(STAGES)}")
     machine = {**cpu_description(), "lscpu_model": lscpu_model()}
     RESULTS.mkdir(exist_ok=True)
+    if args.markdown:
+        print_markdown([build_cached(DATASETS[name], rebuild=args.rebuild)[1] for name in names])
+        return
     rows = []
     for name in names:
         root, meta = build_cached(DATASETS[name], rebuild=args.rebuild)
