@@ -316,6 +316,7 @@ def main():
     if bad:
         sys.exit(f"suite.py: unknown {', '.join(bad)}; datasets: {', '.join(DATASETS)}; stages: {', '.join(STAGES)}")
     machine = {**cpu_description(), "lscpu_model": lscpu_model()}
+    commit = git_commit()  # the code this process runs, whatever is committed while it runs
     RESULTS.mkdir(exist_ok=True)
     if args.markdown:
         print_markdown([build_cached(DATASETS[name], rebuild=args.rebuild)[1] for name in names])
@@ -339,7 +340,7 @@ def main():
                 default = record["stages"].get("default", {})
                 result = run_hand(root, meta, default.get("wall_s") or args.hand_wall_time, runs / "hand.log")
             result.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                          commit=git_commit(), machine=machine)
+                          commit=commit, machine=machine)
             record["stages"][stage] = result
             (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
             print(f"{name}: {stage}: " + json.dumps({k: v for k, v in result.items() if k not in ("grid", "machine")}),
