@@ -145,6 +145,7 @@ class FeatureExtractor:
     def __init__(self, cache):
         self.cache = cache
         self.models = {}
+        self.extracted = 0  # images run through the backbone (not read from the cache) in this process
 
     def model(self, side):
         if side not in self.models:
@@ -168,6 +169,7 @@ class FeatureExtractor:
             batch = np.stack([letterbox(p, side) for p in paths[start:start + BATCH]]).astype(np.float32)
             chunks.append(model.predict_on_batch(preprocess_input(batch)))
         features = np.concatenate(chunks)
+        self.extracted += len(paths)
         self.cache.mkdir(parents=True, exist_ok=True)
         np.save(cached, features)
         return features
@@ -221,7 +223,8 @@ def _run_probe(root, meta):
     predicted = model.predict(extract(test_paths, best["resolution"]))
     return {**scores(test_labels, predicted), "resolution": best["resolution"], "C": best["C"],
             "val_accuracy": best["val_accuracy"], "validation_images": int(len(val_idx)),
-            "selection_train_images": int(len(fit_idx)), "grid": grid, "wall_s": round(time.time() - started, 1)}
+            "selection_train_images": int(len(fit_idx)), "extracted_images": extract.extracted, "grid": grid,
+            "wall_s": round(time.time() - started, 1)}
 
 
 def run_cli_job(root, meta, stage, run_dir, log):
