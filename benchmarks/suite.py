@@ -192,16 +192,16 @@ def fit_probe(features, labels, c):
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000)).fit(features, labels)
 
 
-def run_probe(root, meta):
+def run_probe(root, meta, resolutions=RESOLUTIONS):
     from threadpoolctl import threadpool_limits
 
     # Two BLAS threads beside TensorFlow's on 2 busy cores spin against each other: a fit
     # that takes 0.4 s on one thread took 16 s on two.
     with threadpool_limits(1, user_api="blas"):
-        return _run_probe(root, meta)
+        return _run_probe(root, meta, resolutions)
 
 
-def _run_probe(root, meta):
+def _run_probe(root, meta, resolutions):
     started = time.time()
     train_paths, train_labels, classes = list_split(root, "train")
     test_paths, test_labels, _ = list_split(root, "test")
@@ -210,7 +210,7 @@ def _run_probe(root, meta):
     val_idx = subsample(val_idx, train_labels, SELECT_VAL)
     extract = FeatureExtractor(root.parent / (root.name + ".features"))
     grid = []
-    for side in RESOLUTIONS:
+    for side in resolutions:
         fit_x = extract([train_paths[i] for i in fit_idx], side)
         val_x = extract([train_paths[i] for i in val_idx], side)
         for c in CS:
@@ -223,7 +223,7 @@ def _run_probe(root, meta):
     predicted = model.predict(extract(test_paths, best["resolution"]))
     return {**scores(test_labels, predicted), "resolution": best["resolution"], "C": best["C"],
             "val_accuracy": best["val_accuracy"], "validation_images": int(len(val_idx)),
-            "selection_train_images": int(len(fit_idx)), "extracted_images": extract.extracted, "grid": grid,
+            "selection_train_images": int(len(fit_idx)), "candidates": list(resolutions), "extracted_images": extract.extracted, "grid": grid,
             "wall_s": round(time.time() - started, 1)}
 
 
@@ -316,6 +316,8 @@ def main():
     parser.add_argument("--markdown", action="store_true",
                         help="build (or find cached) datasets and print their table for datasets/README.md")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the datasets' cached trees")
+    parser.add_argument("--resolutions", type=lambda v: tuple(int(x) for x in v.split(",")), default=RESOLUTIONS,
+                        help="the probe's candidate sides, comma-separated (default %(default)s)")
     parser.add_argument("--hand-wall-time", type=float,
                         help="seconds for the hand recipe where no default job's wall time is known")
     args = parser.parse_args()
@@ -346,7 +348,7 @@ def main():
             print(f"{name}: {stage} …", flush=True)
             runs.mkdir(parents=True, exist_ok=True)
             if stage == "probe":
-                result = run_probe(root, meta)
+                result = run_probe(root, meta, args.resolutions)
             elif stage in ("smoke", "default"):
                 result = run_cli_job(root, meta, stage, runs / stage, runs / f"{stage}.log")
             else:
