@@ -29,6 +29,7 @@ import csv
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -232,6 +233,8 @@ def run_cli_job(root, meta, stage, run_dir, log):
     command = [sys.executable, "search.py", "--data", str(root), "--run-dir", str(run_dir)]
     if stage == "smoke":
         command[2:2] = ["--profile", "smoke"]
+    if run_dir.exists():  # the same --run-dir would resume the old run, and its wall time would mean nothing
+        shutil.rmtree(run_dir)
     started = time.time()
     with open(log, "w") as out:
         code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
