@@ -194,6 +194,7 @@ def fit_probe(features, labels, c):
 
 
 def run_probe(root, meta, resolutions=RESOLUTIONS):
+    """The floor: side and C chosen on validation, the regression refit on all of train, scored on test."""
     from threadpoolctl import threadpool_limits
 
     # Two BLAS threads beside TensorFlow's on 2 busy cores spin against each other: a fit
@@ -224,8 +225,8 @@ def _run_probe(root, meta, resolutions):
     predicted = model.predict(extract(test_paths, best["resolution"]))
     return {**scores(test_labels, predicted), "resolution": best["resolution"], "C": best["C"],
             "val_accuracy": best["val_accuracy"], "validation_images": int(len(val_idx)),
-            "selection_train_images": int(len(fit_idx)), "candidates": list(resolutions), "extracted_images": extract.extracted, "grid": grid,
-            "wall_s": round(time.time() - started, 1)}
+            "selection_train_images": int(len(fit_idx)), "candidates": list(resolutions),
+            "extracted_images": extract.extracted, "grid": grid, "wall_s": round(time.time() - started, 1)}
 
 
 def run_cli_job(root, meta, stage, run_dir, log):
