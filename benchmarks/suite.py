@@ -333,7 +333,9 @@ def main():
     stages = args.stages.split(",")
     bad = [n for n in names if n not in DATASETS] + [s for s in stages if s not in STAGES]
     if bad:
-        sys.exit(f"suite.py: unknown {', '.join(bad)}; datasets: {', '.join(DATASETS)}; stages: {', '.join(STAGES)}")
+        print(f"suite.py: unknown {', '.join(bad)}; datasets: {', '.join(DATASETS)}; stages: {', '.join(STAGES)}",
+              file=sys.stderr)
+        sys.exit(2)
     machine = {**cpu_description(), "lscpu_model": lscpu_model()}
     commit = git_commit()  # the code this process runs, whatever is committed while it runs
     RESULTS.mkdir(exist_ok=True)
