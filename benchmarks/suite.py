@@ -44,7 +44,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.datasets import DATASETS  # noqa: E402
-from benchmarks.datasets.common import IMAGE_SUFFIXES, build_cached, identity_rank  # noqa: E402
+from benchmarks.datasets.common import (  # noqa: E402
+    IMAGE_SUFFIXES, DatasetUnavailable, build_cached, identity_rank)
 from benchmarks.machine import cpu_description  # noqa: E402
 
 STAGES = ("probe", "hand", "smoke", "default")
@@ -339,12 +340,17 @@ def main():
     machine = {**cpu_description(), "lscpu_model": lscpu_model()}
     commit = git_commit()  # the code this process runs, whatever is committed while it runs
     RESULTS.mkdir(exist_ok=True)
+    try:
+        built = {name: build_cached(DATASETS[name], rebuild=args.rebuild) for name in names}
+    except DatasetUnavailable as error:
+        print(f"suite.py: {error}", file=sys.stderr)
+        sys.exit(1)
     if args.markdown:
-        print_markdown([build_cached(DATASETS[name], rebuild=args.rebuild)[1] for name in names])
+        print_markdown([meta for _, meta in built.values()])
         return
     rows = []
     for name in names:
-        root, meta = build_cached(DATASETS[name], rebuild=args.rebuild)
+        root, meta = built[name]
         print(f"{name}: {meta['images']} images ({meta['train']} train, {meta['test']} test), "
               f"{meta['classes']} classes, imbalance {meta['imbalance']}:1, at {root}", flush=True)
         record = load_results(name)

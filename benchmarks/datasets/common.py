@@ -46,7 +46,7 @@ def ensure_debian_packages(packages):
         return
     command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
     if shutil.which("apt-get") is None:
-        raise DatasetUnavailable(f"needs the Debian packages {' '.join(missing)} and apt-get is not here")
+        raise DatasetUnavailable(f"needs the Debian packages {' '.join(missing)}, and apt-get is not here")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
