@@ -65,6 +65,6 @@ class StampSet:
 
 
 COARSE = StampSet("stamps", 1, 8, {"symbols", "cartoon"},
-                  "natural photos (cut-outs, RGBA, 20–2 000+ px), imbalance, few-shot")
+                  "natural photos (cut-outs, RGBA, 7–2 348 px), imbalance, few-shot")
 FINE = StampSet("stamps_fine", 2, 4, {"cartoon", "alphabets"},
                 "many classes (≥ 30), few-shot (a handful per class), photos and drawings")
