@@ -68,8 +68,10 @@ def test_tiny_images_are_searched_where_the_backbone_sees_at_least_3x3(digits, f
         settings, decisions = decided(source)
         assert all(r // BACKBONE_STRIDE >= 3 for r in settings.choices.resolutions), settings.choices.resolutions
         assert "3×3" in by_setting(decisions)["resolutions"].reason
-    # 8 px and 28 px images have no detail for more than the smallest such size.
-    assert decided(digits)[0].choices.resolutions == (96,)
+    # 1.2k digits afford larger sizes too (the search decides); Fashion-MNIST's 54 000 images
+    # at more than 96 px would not fit the profile's hour.
+    assert len(decided(digits)[0].choices.resolutions) == 2
+    assert decided(fashion)[0].choices.resolutions == (96,)
     # An explicit flag wins.
     settings, decisions = decided(digits, resolutions=(48,))
     assert settings.choices.resolutions == (48,) and "resolutions" not in by_setting(decisions)
