@@ -90,6 +90,9 @@ class Decision:
 def decide(settings, facts, explicit=()):
     """`settings` with the data-driven defaults decided, and the decisions taken.
 
+    Each rule in `RULES` reads the settings as decided so far and the facts, and yields
+    (setting, value, reason) for what it decides.
+
     Args:
         settings: The resolved `Settings` (defaults, profile, flags).
         facts: The dataset's `DataFacts`.
@@ -99,68 +102,112 @@ def decide(settings, facts, explicit=()):
         (settings, [Decision]).
     """
     decisions = []
+    for rule in RULES:
+        for setting, value, reason in rule(settings, facts):
+            if setting in explicit:
+                continue
+            if setting in SEARCH_CHOICES:
+                choices = dataclasses.replace(settings.choices, **{setting: value})
+                settings = dataclasses.replace(settings, choices=choices)
+            else:
+                settings = dataclasses.replace(settings, **{setting: value})
+            decisions.append(Decision(setting, value, reason))
+    return settings, decisions
 
-    def take(setting, value, reason):
-        nonlocal settings
-        if setting in explicit:
-            return
-        if setting in SEARCH_CHOICES:
-            settings = dataclasses.replace(settings, choices=dataclasses.replace(settings.choices, **{setting: value}))
-        else:
-            settings = dataclasses.replace(settings, **{setting: value})
-        decisions.append(Decision(setting, value, reason))
 
+@dataclasses.dataclass(frozen=True)
+class _Sizes:
+    """How many training images each stage learns from, once validation is carved out."""
+
+    validation: int
+    final: int  # the retrain's
+    searched: int  # the search's
+
+    @classmethod
+    def of(cls, settings, facts):
+        validation = 0 if facts.has_validation else validation_size(facts.class_counts, settings.validation_fraction)
+        training = facts.train_images - validation
+        return cls(validation, min(training, settings.retrain_subset or training),
+                   min(training, settings.train_subset or training))
+
+
+def validation_rules(settings, facts):
     if not facts.has_validation:
-        take("validation_fraction", *validation_fraction_for(facts.class_counts))
-    validation = 0 if facts.has_validation else validation_size(facts.class_counts, settings.validation_fraction)
-    if settings.refit_with_validation is None:
-        share = validation / facts.train_images
-        take("refit_with_validation", share > REFIT_ABOVE_VALIDATION_SHARE,
-             f"validation holds {share:.0%} of the training images"
-             + (": the final model learns from them too" if share > REFIT_ABOVE_VALIDATION_SHARE else ""))
-    training = facts.train_images - validation
-    final = min(training, settings.retrain_subset or training)
-    searched = min(training, settings.train_subset or training)
+        yield ("validation_fraction", *validation_fraction_for(facts.class_counts))
 
-    take("resolutions", *resolutions_for(facts.image_side, final, settings.resolution_ladder, settings.pixel_budget))
-    take("unfrozen_blocks", *unfrozen_blocks_for(final))
+
+def refit_rule(settings, facts):
+    if settings.refit_with_validation is None:
+        share = _Sizes.of(settings, facts).validation / facts.train_images
+        refit = share > REFIT_ABOVE_VALIDATION_SHARE
+        yield ("refit_with_validation", refit, f"validation holds {share:.0%} of the training images"
+               + (": the final model learns from them too" if refit else ""))
+
+
+def space_rules(settings, facts):
+    final = _Sizes.of(settings, facts).final
+    yield ("resolutions", *resolutions_for(facts.image_side, final, settings.resolution_ladder, settings.pixel_budget))
+    yield ("unfrozen_blocks", *unfrozen_blocks_for(final))
+
+
+def search_rules(settings, facts):
+    searched = _Sizes.of(settings, facts).searched
     if settings.round_images:
         fraction = settings.round_images / searched
-        take("epoch_fraction", round(fraction, 4),
-             f"a round of the search trains on {settings.round_images:,} images: "
-             + (f"{fraction:.2g} of a pass over {searched:,}" if fraction < 1 else
-                f"{fraction:.1f} passes over {searched:,}"))
+        yield ("epoch_fraction", round(fraction, 4),
+               f"a round of the search trains on {settings.round_images:,} images: "
+               + (f"{fraction:.2g} of a pass over {searched:,}" if fraction < 1 else
+                  f"{fraction:.1f} passes over {searched:,}"))
     if (settings.tuner == "hyperband" and settings.time_budget_s and settings.train_subset
             and searched < settings.train_subset and settings.hyperband_iterations < SMALL_DATA_BRACKET_SWEEPS):
-        take("hyperband_iterations", SMALL_DATA_BRACKET_SWEEPS,
-             f"the search slice is all {searched:,} training images, under the profile's {settings.train_subset:,}: "
-             "trials are cheap, so brackets repeat until the time budget ends them")
-    if settings.job_time_budget_s:
-        budget = min(settings.job_time_budget_s, JOB_FIXED_S + JOB_S_PER_IMAGE * facts.train_images)
-        if budget < settings.job_time_budget_s:
-            take("job_time_budget_s", round(budget),
-                 f"{facts.train_images:,} training images: at most {budget / 60:.1f} min "
-                 f"(the profile's {settings.job_time_budget_s / 60:.0f} min is an upper bound)")
-            if settings.time_budget_s:
-                search = min(settings.time_budget_s, SEARCH_SHARE_OF_JOB * budget)
-                take("time_budget_s", round(search), f"{SEARCH_SHARE_OF_JOB:.0%} of the job's {budget / 60:.1f} min")
+        yield ("hyperband_iterations", SMALL_DATA_BRACKET_SWEEPS,
+               f"the search slice is all {searched:,} training images, under the profile's "
+               f"{settings.train_subset:,}: trials are cheap, so brackets repeat until the time budget ends them")
+
+
+def time_rules(settings, facts):
+    if not settings.job_time_budget_s:
+        return
+    budget = min(settings.job_time_budget_s, JOB_FIXED_S + JOB_S_PER_IMAGE * facts.train_images)
+    if budget < settings.job_time_budget_s:
+        yield ("job_time_budget_s", round(budget),
+               f"{facts.train_images:,} training images: at most {budget / 60:.1f} min "
+               f"(the profile's {settings.job_time_budget_s / 60:.0f} min is an upper bound)")
+        if settings.time_budget_s:
+            search = min(settings.time_budget_s, SEARCH_SHARE_OF_JOB * budget)
+            yield ("time_budget_s", round(search), f"{SEARCH_SHARE_OF_JOB:.0%} of the job's {budget / 60:.1f} min")
+
+
+def imbalance_rules(settings, facts):
     ratio = imbalance(facts.class_counts)
     imbalanced = ratio >= IMBALANCE_RATIO
     why = f"the largest class has {ratio:.1f}× the training images of the smallest" + (
         "" if imbalanced else f", under {IMBALANCE_RATIO}×")
     if settings.class_weight == "auto":
-        take("class_weight", "balanced" if imbalanced else "none", why)
+        yield ("class_weight", "balanced" if imbalanced else "none", why)
     if settings.objective == "auto":
-        take("objective", "balanced_accuracy" if imbalanced else "accuracy", why)
+        yield ("objective", "balanced_accuracy" if imbalanced else "accuracy", why)
+
+
+def export_rule(settings, facts):
     least_drop = 100 * EXPORT_DROP_IMAGES / facts.test_images
     if least_drop > settings.max_accuracy_drop:
-        take("max_accuracy_drop", round(least_drop, 2),
-             f"{facts.test_images} test images: {EXPORT_DROP_IMAGES} images are {least_drop:.2f} pp, "
-             f"so a {settings.max_accuracy_drop} pp limit would reject an artifact for one or two images")
-    if settings.ema_momentum:
-        steps = math.ceil(final / settings.batch_size)
-        momentum = min(settings.ema_momentum, round(1 - 1 / (EMA_PASSES * steps), 4))
-        if momentum < settings.ema_momentum:
-            take("ema_momentum", momentum,
-                 f"the weights' average spans ~{EMA_PASSES} passes: {steps} steps a pass over {final:,} images")
-    return settings, decisions
+        yield ("max_accuracy_drop", round(least_drop, 2),
+               f"{facts.test_images} test images: {EXPORT_DROP_IMAGES} images are {least_drop:.2f} pp, "
+               f"so a {settings.max_accuracy_drop} pp limit would reject an artifact for one or two images")
+
+
+def averaging_rule(settings, facts):
+    if not settings.ema_momentum:
+        return
+    final = _Sizes.of(settings, facts).final
+    steps = math.ceil(final / settings.batch_size)
+    momentum = min(settings.ema_momentum, round(1 - 1 / (EMA_PASSES * steps), 4))
+    if momentum < settings.ema_momentum:
+        yield ("ema_momentum", momentum,
+               f"the weights' average spans ~{EMA_PASSES} passes: {steps} steps a pass over {final:,} images")
+
+
+# In order: later rules read what earlier ones decided (the validation split sizes the rest).
+RULES = (validation_rules, refit_rule, space_rules, search_rules, time_rules, imbalance_rules, export_rule,
+         averaging_rule)
