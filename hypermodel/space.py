@@ -107,9 +107,10 @@ def resolutions_for(image_side, train_images, ladder, pixel_budget, most=2):
               f"{floor // BACKBONE_STRIDE}×{floor // BACKBONE_STRIDE} final feature map")
     if max(ladder) <= floor:
         reason += "; the profile searches no larger size"
+    elif affordable >= max(ladder):
+        reason += f"; {train_images:,} images afford the profile's largest size"
     else:
-        reason += (f"; a pass over {train_images:,} images fits the profile's compute up to "
-                   f"{min(affordable, 9999):.0f} px")
+        reason += f"; a pass over {train_images:,} images fits the profile's compute up to {affordable:.0f} px"
     return tuple(chosen), reason
 
 
