@@ -107,7 +107,8 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
     save_model(model, run_dir / "model.keras")
     metrics = evaluate_test(model, config, dataset, settings.batch_size, tta=tta["used"])
     predicted = np.array(metrics.pop("predicted"))
-    metrics.update(histories, tta=tta, flips=histories.pop("flips"), refit=refit, trial_id=best["trial_id"],
+    flips = histories.pop("flips")
+    metrics.update(histories, tta=tta, flips=flips, refit=refit, trial_id=best["trial_id"],
                    hyperparameters=config.to_dict())
     atomic.write_json(run_dir / "metrics.json", metrics)
     report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), dataset.class_names, run_dir / "confusion_matrix.png")
