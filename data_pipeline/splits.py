@@ -160,3 +160,13 @@ def class_weights(labels, num_classes, mode):
     present = counts > 0
     weights = np.where(present, len(labels) / (present.sum() * np.maximum(counts, 1)), 0.0)
     return {i: float(w) for i, w in enumerate(weights)}
+
+
+def objective_for(mode, labels, num_classes):
+    """What to choose models by: `mode` itself, or for "auto" balanced accuracy where the
+    classes' sizes differ by `IMBALANCE_RATIO` or more (else accuracy)."""
+    if mode != "auto":
+        return mode
+    counts = np.bincount(np.asarray(labels), minlength=num_classes)
+    return "balanced_accuracy" if imbalance(counts) >= IMBALANCE_RATIO else "accuracy"
+

@@ -107,16 +107,21 @@ RECORDED = {
     "--worker-id": ("w1", "worker_id", "w1"),
     "--worker-timeout": ("10m", "worker_timeout_s", 600),
     "--strategy": ("mirrored", "strategy", "mirrored"),
+    "--heartbeat": ("20s", "heartbeat_s", 20),
+    "--class-weight": ("balanced", "class_weight", "balanced"),
+    "--objective": ("macro_f1", "objective", "macro_f1"),
+    "--refit-with-validation": (None, "refit_with_validation", True),
 }
 RETRAINING = {"--run-dir", "-v", "--image-budget", "--no-feature-cache", "--cache-budget", "--epochs",
-              "--job-time-budget", "--retrain-subset", "--label-smoothing", "--ema-momentum"}
+              "--job-time-budget", "--retrain-subset", "--label-smoothing", "--ema-momentum", "--refit-with-validation"}
 EXPORTING = {"--run-dir", "--formats", "--max-accuracy-drop", "--max-latency-ms", "--max-model-mb"}
 # The options each command's --help documents, written out here (with --no-feature-cache,
 # its pair --feature-cache).
 DOCUMENTED = {
     JOB: set(RECORDED),
     "search": set(RECORDED) - (RETRAINING | EXPORTING) | {"--run-dir", "-v", "--image-budget", "--no-feature-cache",
-                                                          "--cache-budget", "--max-latency-ms", "--max-model-mb"},
+                                                          "--cache-budget", "--max-latency-ms", "--max-model-mb",
+                                                          "--refit-with-validation"},
     "retrain": RETRAINING,
     "export": EXPORTING,
     "report": {"--run-dir"},
@@ -146,6 +151,7 @@ def test_help_lists_exactly_the_documented_options(command):
     help_text = run_cli(*([] if command == JOB else [command]), "--help").stdout
     listed = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+|-v)\b", help_text)) - {"--help", "--verbose"}
     documented = DOCUMENTED[command] | ({"--feature-cache"} if "--no-feature-cache" in DOCUMENTED[command] else set())
+    documented |= {"--no-refit-with-validation"} if "--refit-with-validation" in documented else set()
     assert listed == documented, (command, listed ^ documented)
 
 

@@ -284,4 +284,4 @@ def test_data_summary_of_an_image_folder(good_tree):
     assert "images:      18 (train 15, test 3)" in out
     assert "ignored:     2 hidden or non-image files" in out
     assert "modes:" in out and "RGBA" in out and " L " in out
-    assert "fed as:      RGB" in out and "searches 96 px" in out  # 128 px > 2 × the median shorter side
+    assert "fed as:      RGB" in out and "searches 96, 160 px" in out  # 96 px: a 3×3 final map; 160: the cpu ladder's top

@@ -389,9 +389,10 @@ def test_every_format_is_exported_and_scored_by_its_own_runtime(job):
         assert f"  {fmt} " in result.stdout
     # Float conversions keep the Keras model's predictions: float32 flips only near ties
     # (other kernels sum in another order), float16 rounds weights and activations to 11
-    # significant bits, which flips a few more on any CPU kind. Both ship.
+    # significant bits, which flips more near ties (0.3-0.6 % of images, by model and CPU
+    # kind; the clear predictions are checked for equality in the predict test). Both ship.
     assert np.mean(classes["tflite"] == classes["savedmodel"]) >= 0.998
-    assert np.mean(classes["tflite-fp16"] == classes["tflite"]) >= 0.995
+    assert np.mean(classes["tflite-fp16"] == classes["tflite"]) >= 0.99
     for fmt in ("savedmodel", "tflite", "tflite-fp16"):
         assert exports[fmt]["drop_pp"] <= max_drop_pp and exports[fmt]["status"] == "ok", exports[fmt]
     int8_drop_pp = (keras_accuracy - np.mean(classes["tflite-int8"] == dataset.y_test)) * 100
@@ -500,7 +501,7 @@ def test_predict_runs_every_artifact_with_the_same_output(job, tmp_path):
     assert clear.mean() > 0.8
     for fmt in ("tflite", "tflite-fp16"):
         np.testing.assert_array_equal(predicted[fmt][clear], predicted["savedmodel"][clear])
-        assert np.mean(predicted[fmt] == predicted["savedmodel"]) >= 0.995, fmt
+        assert np.mean(predicted[fmt] == predicted["savedmodel"]) >= 0.99, fmt
     # Each artifact, run by `predict`, scores what the export measured for it (int8
     # included, with its own drop); 0.1 pp = 10 near ties the thread count may flip.
     for fmt, classes in predicted.items():

@@ -24,7 +24,7 @@ import tensorflow as tf
 from common import atomic
 from common.errors import DataError, UsageError, UserError
 from data_pipeline.pipeline import make_dataset
-from data_pipeline.splits import class_weights, with_validation_merged
+from data_pipeline.splits import class_weights, objective_for, with_validation_merged
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import EpochProgress, FitToDeadline
 from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
@@ -207,7 +207,7 @@ class Phases:
             callbacks.append(fit_to_deadline)
         if patience is not None:
             callbacks.append(keras.callbacks.EarlyStopping(
-                monitor=monitored(settings.objective), mode="max", patience=patience, restore_best_weights=True,
+                monitor=self.monitor(data), mode="max", patience=patience, restore_best_weights=True,
             ))
         try:
             history, mode = train(
@@ -222,11 +222,11 @@ class Phases:
             ) from None
         if plan:
             plan["plan"]["revisions"] = fit_to_deadline.revisions
-        scores = history.history[monitored(settings.objective)]
+        scores = history.history[self.monitor(data)]
         record = {
             "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
             "best_val_accuracy": float(max(history.history["val_accuracy"])),
-            "objective": settings.objective,
+            "objective": self.monitor(data).removeprefix("val_"),
             "best_val_score": float(max(scores)),
             "best_epoch": int(np.argmax(scores)) + 1,
             "epochs": len(history.epoch),
@@ -241,6 +241,10 @@ class Phases:
                  + ("" if patience is None else f", best val_accuracy {record['best_val_accuracy']:.4f}")
                  + f" ({record['seconds']:.0f} s)")
         return record
+
+    def monitor(self, data):
+        """The validation score the phases keep their best epoch by (the run's objective)."""
+        return monitored(objective_for(self.settings.objective, data.y_train, data.num_classes))
 
     def _plan_to_deadline(self, model, data, config, lengths, regularisation):
         """Phase 2's epochs, patience, plan record and `FitToDeadline`, timed on this machine."""

@@ -17,6 +17,7 @@ import keras_tuner as kt
 
 from common import atomic, shims
 from common.errors import UserError
+from data_pipeline.splits import objective_for
 from hypermodel import space
 from hypermodel.footprint import Limits, TrialRejected
 from hypermodel.hypermodel import TransferHyperModel
@@ -280,7 +281,7 @@ def make_tuner(settings, hypermodel, run_dir, worker="local", log=print, deadlin
     A distributed worker (any `worker` but "local" and "chief") sends heartbeats while
     its trials run (`heartbeat_interval`)."""
     common = dict(
-        objective=kt.Objective(space.monitored(settings.objective), "max"),
+        objective=kt.Objective(hypermodel.monitor, "max"),
         seed=settings.seed + 1,  # KerasTuner takes seed 0 for "no seed" (a random one)
         max_retries_per_trial=0,
         max_consecutive_failed_trials=None,  # counted by the oracle mixin instead
@@ -359,7 +360,8 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         settings.choices, data.num_classes, weights=settings.weights, batch_size=settings.batch_size,
         seed=settings.seed, early_stopping_patience=settings.early_stopping_patience,
         feature_cache=feature_cache, limits=Limits(settings.max_latency_ms, settings.max_model_mb),
-        epoch_fraction=settings.epoch_fraction, class_weight=settings.class_weight, objective=settings.objective,
+        epoch_fraction=settings.epoch_fraction, class_weight=settings.class_weight,
+        objective=objective_for(settings.objective, data.y_train, data.num_classes),
     )
     tuner = make_tuner(settings, hypermodel, run_dir, worker=worker, log=log, deadline=deadline,
                        distribution_strategy=distribution_strategy(settings.strategy))
