@@ -142,7 +142,8 @@ def test_offline_gpu_profile_falls_back_to_the_shipped_weights(tmp_path, empty_k
     settings, dropped = with_available_backbones(settings, explicit=False)
     assert set(dropped) == {"resnet50", "efficientnet_b0", "mobilenet_v2_1.0"}
     assert settings.choices.backbones == ("mobilenet_v2_0.5", "mobilenet_v2_0.35")
-    assert settings.choices.resolutions == (96,)  # 28 px images: the gpu profile's smallest size, 3×3 at the end
+    # A 3×3 final map at 96 px, and a GPU's compute affords 54 000 images at 224 px.
+    assert settings.choices.resolutions == (96, 224)
     assert "warning: profile gpu" in capsys.readouterr().out
 
 
