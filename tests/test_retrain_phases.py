@@ -183,10 +183,7 @@ def test_phase2_fills_the_time_left_before_the_job_deadline(searched, monkeypatc
     epochs. Asserted on the decisions, not on wall seconds: a loaded machine changes how
     many epochs fit, not whether each was judged to fit."""
     settings, dataset, run_dir, searched_rate = searched
-    # The search judged a slice of what phase 2 trains on (a large dataset's case): the
-    # deadline, not the winner's own training, is what limits phase 2.
-    settings = dataclasses.replace(settings, retrain_augmentation="flip_shift_erase", phase2_lr_factor=0.5,
-                                   train_subset=200)
+    settings = dataclasses.replace(settings, retrain_augmentation="flip_shift_erase", phase2_lr_factor=0.5)
     phases = []
     monkeypatch.setattr(retrain_module, "train", recording_train(phases, retrain_module.train))
     plans = []
@@ -199,6 +196,9 @@ def test_phase2_fills_the_time_left_before_the_job_deadline(searched, monkeypatc
     RecordingFitToDeadline.built.clear()
     monkeypatch.setattr(retrain_module, "FitToDeadline", RecordingFitToDeadline)
     data = search_data(dataset, settings)
+    # The search judged a slice of what phase 2 trains on (a large dataset's case): the
+    # deadline, not the winner's own training, is what limits phase 2.
+    settings = dataclasses.replace(settings, train_subset=len(data.y_train) // 2)
     finish_by = time.time() + 40
     metrics = retrain_module.retrain(run_dir, settings, dataset, data,
                                      deadline=finish_by + retrain_module.finish_reserve_s(len(dataset.y_test)), log=lambda m: None)
