@@ -146,13 +146,18 @@ def imbalance(class_counts):
     return max(counts) / min(counts)
 
 
+def is_imbalanced(class_counts):
+    """Whether the classes' sizes differ enough (`IMBALANCE_RATIO`) to weigh every class alike."""
+    return imbalance(class_counts) >= IMBALANCE_RATIO
+
+
 def class_weights(labels, num_classes, mode):
     """Keras' `class_weight` for `mode`: "balanced" makes each class weigh as much in the
     loss as any other (n / (K × n_class)); "none" gives None; "auto" is "balanced" where
     the classes' sizes differ by `IMBALANCE_RATIO` or more."""
     counts = np.bincount(np.asarray(labels), minlength=num_classes)
     if mode == "auto":
-        mode = "balanced" if imbalance(counts) >= IMBALANCE_RATIO else "none"
+        mode = "balanced" if is_imbalanced(counts) else "none"
     if mode == "none":
         return None
     if mode != "balanced":
@@ -168,5 +173,5 @@ def objective_for(mode, labels, num_classes):
     if mode != "auto":
         return mode
     counts = np.bincount(np.asarray(labels), minlength=num_classes)
-    return "balanced_accuracy" if imbalance(counts) >= IMBALANCE_RATIO else "accuracy"
+    return "balanced_accuracy" if is_imbalanced(counts) else "accuracy"
 

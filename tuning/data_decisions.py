@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from data_pipeline.folders import ImageFiles
-from data_pipeline.splits import IMBALANCE_RATIO, imbalance, validation_fraction_for, validation_size
+from data_pipeline.splits import IMBALANCE_RATIO, imbalance, is_imbalanced, validation_fraction_for, validation_size
 from hypermodel.space import SearchChoices, resolutions_for, unfrozen_blocks_for
 
 # A job on a small dataset ends in minutes: a fixed share (start-up, export, report)
@@ -180,7 +180,7 @@ def time_rules(settings, facts):
 
 def imbalance_rules(settings, facts):
     ratio = imbalance(facts.class_counts)
-    imbalanced = ratio >= IMBALANCE_RATIO
+    imbalanced = is_imbalanced(facts.class_counts)
     why = f"the largest class has {ratio:.1f}× the training images of the smallest" + (
         "" if imbalanced else f", under {IMBALANCE_RATIO}×")
     if settings.class_weight == "auto":
