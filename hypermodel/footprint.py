@@ -67,7 +67,8 @@ def is_rejection(message):
 
 def architecture_key(config):
     """What the footprint depends on."""
-    return (config.backbone, config.resolution, config.pooling, config.dense_units)
+    return (config.backbone, config.resolution, config.pooling, config.head,
+            config.dense_units if config.head == "mlp" else None)
 
 
 def latency_key(config):

@@ -58,8 +58,9 @@ def build_transfer_model(config, num_classes, weights="imagenet", seed=0, second
         x = suffix(x)
     x = keras.layers.GlobalAveragePooling2D()(x) if config.pooling == "avg" else keras.layers.Flatten()(x)
     x = keras.layers.Dropout(config.dropout)(x)
-    x = keras.layers.Dense(config.dense_units, activation="relu")(x)
-    x = keras.layers.Dropout(config.dropout)(x)
+    if config.head == "mlp":
+        x = keras.layers.Dense(config.dense_units, activation="relu")(x)
+        x = keras.layers.Dropout(config.dropout)(x)
     # float32 softmax even under mixed precision, for a numerically sound loss.
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32")(x)
     top = keras.Model(top_inputs, outputs, name=TOP_NAME)

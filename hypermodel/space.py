@@ -11,6 +11,10 @@ import dataclasses
 RESOLUTION_RANGE = (32, 299)  # input sides, in px, the space may search
 LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
 OPTIMIZERS = ("adam", "adamw")
+# The classification head: "linear" is the frozen features' logistic regression (the
+# retrain fits it exactly before fine-tuning: hypermodel/linear_head.py), "mlp" adds a
+# hidden dense layer.
+HEADS = ("linear", "mlp")
 # What trials, early stopping and the retrain's phases are chosen by (hypermodel/metrics.py).
 OBJECTIVES = ("accuracy", "balanced_accuracy", "macro_f1")
 
@@ -23,6 +27,10 @@ SMALLEST_USEFUL_RESOLUTION = BACKBONE_STRIDE * MIN_FEATURE_MAP  # 96 px
 # How deep to fine-tune, by the training images the final model learns from: few images
 # overfit many free weights, many images repay them.
 UNFROZEN_BLOCKS_BY_IMAGES = ((1_500, (0, 2, 5)), (15_000, (2, 5, 10)), (None, (10, 17)))
+# Below this many training images the linear head is a candidate: a hidden layer's weights
+# are many to fit from few images, and a regularised linear map of pretrained features is
+# the strong baseline there. Above it, the hidden layer has the data it needs.
+LINEAR_HEAD_BELOW_IMAGES = 15_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +43,8 @@ class SearchChoices:
         unfrozen_blocks: How many top backbone blocks train (0 = head only). Clipped
             to the backbone's block count minus its stem.
         poolings: Head pooling: "avg" (global average) or "flatten" (the seed's head).
-        dense_units: (min, max) width of the dense head layer, log scale, powers of 2.
+        heads: Subset of HEADS.
+        dense_units: (min, max) width of the mlp head's hidden layer, log scale, powers of 2.
         dropout: (min, max) dropout before and after the dense layer, step 0.1.
         learning_rate: (min, max) initial learning rate, log-uniform.
         lr_schedules: Subset of LR_SCHEDULES.
@@ -49,6 +58,7 @@ class SearchChoices:
     resolutions: tuple = (64, 96)
     unfrozen_blocks: tuple = (0, 2, 6)
     poolings: tuple = ("avg",)
+    heads: tuple = ("mlp",)
     dense_units: tuple = (64, 1024)
     dropout: tuple = (0.0, 0.5)
     learning_rate: tuple = (1e-4, 3e-3)
@@ -73,6 +83,7 @@ class TrialConfig:
     warmup_epochs: int
     optimizer: str
     augmentation: str
+    head: str = "mlp"  # configurations saved before the linear head had an mlp one
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -123,6 +134,14 @@ def unfrozen_blocks_for(train_images):
     raise AssertionError("the last entry has no limit")
 
 
+def heads_for(train_images):
+    """The heads worth searching when the final model learns from `train_images`, and why."""
+    if train_images < LINEAR_HEAD_BELOW_IMAGES:
+        return HEADS, (f"{train_images:,} training images, under {LINEAR_HEAD_BELOW_IMAGES:,}: the frozen "
+                       "features' logistic regression is a candidate head")
+    return ("mlp",), f"{train_images:,} training images: enough for a hidden layer"
+
+
 def monitored(objective):
     """The Keras log key a choice by `objective` follows (validation's)."""
     if objective not in OBJECTIVES:
@@ -152,6 +171,8 @@ def declare(hp, choices):
         unfrozen_blocks=_choice(hp, "unfrozen_blocks", choices.unfrozen_blocks),
         # The new classification head.
         pooling=_choice(hp, "pooling", choices.poolings),
+        head=_choice(hp, "head", choices.heads),
+        # The mlp head's hidden layer (declared for every trial; a linear head has none).
         dense_units=hp.Int("dense_units", *choices.dense_units, step=2, sampling="log"),
         dropout=hp.Float("dropout", *choices.dropout, step=0.1),
         # How to train it.
@@ -166,7 +187,8 @@ def declare(hp, choices):
 def config_from_values(values):
     """Rebuilds a `TrialConfig` from saved hyperparameter values (best_hparams.json)."""
     fields = {f.name for f in dataclasses.fields(TrialConfig)}
-    missing = sorted(fields - set(values))
+    required = {f.name for f in dataclasses.fields(TrialConfig) if f.default is dataclasses.MISSING}
+    missing = sorted(required - set(values))
     if missing:
         raise KeyError(f"missing hyperparameters {missing}")
-    return TrialConfig(**{k: values[k] for k in fields})
+    return TrialConfig(**{k: values[k] for k in fields if k in values})

@@ -78,6 +78,7 @@ RECORDED = {
     "--backbones": ("mobilenet_v2_0.5", "choices.backbones", ["mobilenet_v2_0.5"]),
     "--resolutions": ("48,80", "choices.resolutions", [48, 80]),
     "--unfrozen-blocks": ("1,3", "choices.unfrozen_blocks", [1, 3]),
+    "--heads": ("linear", "choices.heads", ["linear"]),
     "--learning-rate": ("2e-4,5e-3", "choices.learning_rate", [2e-4, 5e-3]),
     "--tuner": ("bayesian", "tuner", "bayesian"),
     "--max-epochs": ("5", "max_epochs", 5),

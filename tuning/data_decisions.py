@@ -14,7 +14,7 @@ import numpy as np
 
 from data_pipeline.folders import ImageFiles
 from data_pipeline.splits import IMBALANCE_RATIO, imbalance, is_imbalanced, validation_fraction_for, validation_size
-from hypermodel.space import SearchChoices, resolutions_for, unfrozen_blocks_for
+from hypermodel.space import SearchChoices, heads_for, resolutions_for, unfrozen_blocks_for
 
 # A job on a small dataset ends in minutes: a fixed share (start-up, export, report)
 # plus a share per training image, capped by the profile's budget.
@@ -148,6 +148,7 @@ def space_rules(settings, facts):
     final = _Sizes.of(settings, facts).final
     yield ("resolutions", *resolutions_for(facts.image_side, final, settings.resolution_ladder, settings.pixel_budget))
     yield ("unfrozen_blocks", *unfrozen_blocks_for(final))
+    yield ("heads", *heads_for(final))
 
 
 def search_rules(settings, facts):

@@ -23,7 +23,7 @@ COLUMNS = [
     "dense_units", "dropout", "learning_rate", "lr_schedule", "score", "val_accuracy", "epochs",
     "train_s", "seconds", "latency_ms", "model_mb", "error",
 ]
-EXTRA_COLUMNS = ["val_balanced_accuracy", "val_macro_f1", "optimizer", "warmup_epochs", "augmentation", "fit_mode",
+EXTRA_COLUMNS = ["head", "val_balanced_accuracy", "val_macro_f1", "optimizer", "warmup_epochs", "augmentation", "fit_mode",
                  "bracket", "round", "best_epoch", "retried"]
 ENDED = ("COMPLETED", "FAILED", "INVALID")
 SCORES = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1")
@@ -95,7 +95,7 @@ def best_trial(frame):
         "score": float(row["score"]),
         "val_accuracy": float(row["val_accuracy"]),
         "epochs": int(row["best_epoch"]),
-        "hyperparameters": {k: _plain(row[k]) for k in names},
+        "hyperparameters": {k: _plain(row[k]) for k in names if pd.notna(row[k])},
     }
 
 

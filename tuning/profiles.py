@@ -21,7 +21,9 @@ PROFILES = {
             lr_schedules=("constant", "cosine"),
             warmup_epochs=(0,),
         ),
-        resolution_ladder=(96,),
+        # Small datasets afford larger sizes within the smoke job's compute (its retrain's 4 000 images at 96 px).
+        resolution_ladder=(96, 160, 224),
+        pixel_budget=4000 * 96**2,
         round_images=2000,
         max_epochs=2,
         factor=2,
@@ -44,7 +46,7 @@ PROFILES = {
         ),
         # Resolutions and fine-tuning depth are decided from the data (tuning/data_decisions.py):
         # these bound them by what 2 cores afford in an hour (54 000 images at 96 px a pass).
-        resolution_ladder=(96, 128, 160),
+        resolution_ladder=(96, 128, 160, 224),
         pixel_budget=54_000 * 96**2,
         # A trial's first round reads 2 667 images (a third of the 8 000-image slice, or
         # several passes over a small dataset), and the best go on to 9 rounds, so a

@@ -10,7 +10,7 @@ import pandas as pd
 from common import atomic
 
 LEADERBOARD_COLUMNS = [
-    "trial_id", "backbone", "resolution", "unfrozen_blocks", "pooling", "dense_units", "dropout",
+    "trial_id", "backbone", "resolution", "unfrozen_blocks", "pooling", "head", "dense_units", "dropout",
     "learning_rate", "lr_schedule", "augmentation", "score", "val_accuracy", "val_balanced_accuracy",
     "val_macro_f1", "epochs", "train_s", "seconds",
     "latency_ms", "model_mb", "fit_mode",

@@ -27,6 +27,7 @@ from data_pipeline.pipeline import make_dataset
 from data_pipeline.splits import class_weights, objective_for, with_validation_merged
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import EpochProgress, FitToDeadline
+from hypermodel.linear_head import INVERSE_L2, fit_linear_head
 from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
 from hypermodel.space import config_from_values, monitored
 from hypermodel.training import epochs_that_fit, train
@@ -92,7 +93,8 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
     lengths = PhaseLengths.of(best, settings, len(data.y_train), deadline, head_only=config.unfrozen_blocks == 0)
     log(f"retraining trial {best['trial_id']} (val_accuracy {best['val_accuracy']:.4f}): "
         f"{config.backbone} {config.resolution}px, unfrozen_blocks={config.unfrozen_blocks}; "
-        f"phase 1 {lengths.phase1} epochs, phase 2 {lengths.phase2 or 'as many epochs as fit'}"
+        + ("phase 1 the linear head fitted exactly" if config.head == "linear" else f"phase 1 {lengths.phase1} epochs")
+        + f", phase 2 {lengths.phase2 or 'as many epochs as fit'}"
         + (f" (at most {lengths.phase2_cap}: {lengths.phase2_cap_reason})" if lengths.phase2_cap else ""))
     phases = Phases(run_dir, settings, config, best, feature_cache, deadline, len(dataset.y_test), log)
     model = build_transfer_model(config, data.num_classes, settings.weights, settings.seed)
@@ -133,13 +135,13 @@ def refit_with_validation(phases, model, data, histories, seconds):
         phases.log("  refit with the validation images: skipped, the job's deadline leaves no time for it")
         return model, {"skipped": "no time before the job's deadline"}
     epochs = {phase: histories[phase]["best_epoch"] for phase in ("phase1", "phase2")
-              if "best_epoch" in histories[phase]}
+              if "best_epoch" in histories[phase] and histories[phase].get("kept", True)}
     merged = with_validation_merged(data)
     phases.log(f"  refit on the {len(merged.y_train)} training and validation images: "
                + ", ".join(f"{phase} {n} epochs" for phase, n in epochs.items()) + " (as validation chose)")
     refitted = build_transfer_model(phases.config, data.num_classes, phases.settings.weights, phases.settings.seed)
     phases.run(refitted, merged, PhaseLengths(epochs["phase1"], epochs.get("phase2", 1), None, None, None),
-               label="refit ", flips=histories["flips"])
+               label="refit ", flips=histories["flips"], chosen=histories)
     return refitted, {"epochs": epochs, "images": len(merged.y_train)}
 
 
@@ -162,14 +164,19 @@ class Phases:
         self.feature_cache, self.deadline, self.log = feature_cache, deadline, log
         self.reserve = finish_reserve_s(test_images)
 
-    def run(self, model, data, lengths, label="", flips=None):
+    def run(self, model, data, lengths, label="", flips=None, chosen=None):
         """Trains `model` on `data` phase by phase; returns {phase: record, "flips": ...}.
+
+        A linear head's phase 1 is fitted exactly (hypermodel/linear_head.py). Phase 2 is
+        kept only where it beats phase 1 on validation; else the model returns to phase 1.
 
         Args:
             lengths: `PhaseLengths`; patience None runs each phase for its epochs,
                 keeping the last weights (a refit: its validation images are trained on).
             label: Prefixes the phases' names in the log and TensorBoard.
             flips: An earlier `check_flips` verdict to reuse (else judged after phase 1).
+            chosen: An earlier run's histories (a refit): its linear head's C and
+                whether it kept phase 2 are reused, not chosen again.
         """
         histories = {}
         for phase, epochs, lr in (
@@ -179,15 +186,39 @@ class Phases:
             if phase == "phase2" and self.config.unfrozen_blocks == 0:
                 histories[phase] = {"skipped": "unfrozen_blocks = 0: nothing to unfreeze"}
                 continue
+            if phase == "phase2" and chosen and chosen["phase2"].get("kept") is False:
+                histories[phase] = {"skipped": "phase 2 did not beat phase 1 on validation"}
+                continue
             config = self.config
             if phase == "phase2" and self.settings.retrain_augmentation:
                 flips = flips or check_flips(model, config, data, self.settings.batch_size)
                 config = dataclasses.replace(config, augmentation=phase2_augmentation(
                     self.settings.retrain_augmentation, flips, self.log))
             set_unfrozen_blocks_trainable(model, phase == "phase2")
+            if phase == "phase1" and config.head == "linear":
+                inverse_l2 = (chosen["phase1"]["inverse_l2"],) if chosen else INVERSE_L2
+                histories[phase] = fit_linear_head(
+                    model, config, data, self.settings.batch_size, self.class_weight(data),
+                    self.monitor(data).removeprefix("val_"), inverse_l2, self.log)
+                continue
+            before = model.get_weights() if phase == "phase2" and lengths.patience is not None else None
             histories[phase] = self._fit(model, data, config, label + phase, epochs, lr, lengths)
+            if before is not None:
+                self._keep_better(model, before, histories)
         histories["flips"] = flips
         return histories
+
+    def _keep_better(self, model, phase1_weights, histories):
+        """Returns `model` to its phase-1 weights where phase 2 never beat them on validation."""
+        phase1, phase2 = histories["phase1"]["best_val_score"], histories["phase2"]["best_val_score"]
+        histories["phase2"]["kept"] = bool(phase2 > phase1)
+        if not histories["phase2"]["kept"]:
+            model.set_weights(phase1_weights)
+            self.log(f"  phase 2's best validation {histories['phase2']['objective']} {phase2:.4f} is no better "
+                     f"than phase 1's {phase1:.4f}: the model keeps phase 1's weights")
+
+    def class_weight(self, data):
+        return class_weights(data.y_train, data.num_classes, self.settings.class_weight)
 
     def _fit(self, model, data, config, phase, epochs, lr, lengths):
         settings = self.settings
@@ -213,7 +244,7 @@ class Phases:
             history, mode = train(
                 model, config, data, batch_size=settings.batch_size, seed=settings.seed, epochs=epochs,
                 learning_rate=lr, callbacks=callbacks, feature_cache=self.feature_cache, verbose=settings.verbose,
-                class_weight=class_weights(data.y_train, data.num_classes, settings.class_weight), **regularisation,
+                class_weight=self.class_weight(data), **regularisation,
             )
         except kt.errors.FailedTrialError as e:
             raise DivergedError(

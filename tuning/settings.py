@@ -11,7 +11,7 @@ import dataclasses
 import re
 
 from data_pipeline.splits import IMBALANCE_RATIO
-from hypermodel.space import OBJECTIVES, RESOLUTION_RANGE, SearchChoices
+from hypermodel.space import HEADS, OBJECTIVES, RESOLUTION_RANGE, SearchChoices
 
 JOB = "job"  # `python search.py` with no subcommand: search → retrain → export → report
 SEARCHING = frozenset({JOB, "search"})
@@ -47,6 +47,14 @@ def names(text):
     values = tuple(n.strip() for n in text.split(",") if n.strip())
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def heads(text):
+    values = names(text)
+    unknown = [v for v in values if v not in HEADS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"head {unknown[0]!r} is not one of {', '.join(HEADS)}")
     return values
 
 
@@ -192,6 +200,9 @@ SETTINGS = (
             resolutions, in_choices=True, example="48,64"),
     Setting("unfrozen_blocks", SearchChoices.unfrozen_blocks, "comma-separated choices, 0 = head only",
             "--unfrozen-blocks", ints, in_choices=True, example="0,2"),
+    Setting("heads", SearchChoices.heads, "comma-separated heads: linear (the pooled features' logistic "
+            "regression, fitted exactly before fine-tuning), mlp (a hidden dense layer)", "--heads", heads,
+            in_choices=True, example="linear"),
     Setting("learning_rate", SearchChoices.learning_rate, "MIN,MAX of the log-uniform learning-rate range",
             "--learning-rate", float_range, in_choices=True, example="1e-4,1e-3"),
     Setting("choices", SearchChoices(), "the whole search space (profiles set it; flags above override fields)"),

@@ -228,7 +228,8 @@ class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin,
             left = f" | budget left {max(0, deadline - time.time()) / 60:.1f} min"
         self.log(
             f"trial {trial.trial_id} [{self.worker}] {values.get('backbone')} {values.get('resolution')}px "
-            f"unfrozen={values.get('unfrozen_blocks')} {values.get('pooling')} dense={values.get('dense_units')} "
+            f"unfrozen={values.get('unfrozen_blocks')} {values.get('pooling')} "
+            f"{'linear' if values.get('head') == 'linear' else 'dense=' + str(values.get('dense_units'))} "
             f"dropout={values.get('dropout'):.1f} lr={values.get('learning_rate'):.2e} {values.get('lr_schedule')} "
             f"aug={values.get('augmentation')} epochs={record['epochs']} [{record['fit_mode'] or '-'}] "
             f"→ {result} ({_trial_time(record)}) best {best}{left}"

@@ -1,0 +1,126 @@
+"""A linear head fitted exactly: the multinomial logistic regression of the frozen
+backbone's pooled features, its L2 strength chosen on validation (a linear probe).
+
+Training a linear head with a few epochs of Adam from a random start approximates the
+solution of this convex problem; L-BFGS finds the solution itself, in seconds on a few
+thousand images. The retrain's phase 1 fits a linear head this way, so that fine-tuning
+starts from the best head the frozen features allow (linear probing, then fine-tuning),
+and a dataset too small to fine-tune keeps at least the probe.
+"""
+
+import time
+
+import keras
+import numpy as np
+
+from data_pipeline.pipeline import make_dataset
+from hypermodel.backbones import get_backbone
+from hypermodel.model import PREFIX_NAME, TOP_NAME
+
+# scikit-learn's C (inverse L2 strength) on standardised features, strongest first: on
+# ties validation keeps the stronger regularisation.
+INVERSE_L2 = (0.01, 0.1, 1.0, 10.0)
+MAX_ITERATIONS = 2000
+
+
+def pooled_features(model, config, images, batch_size):
+    """The linear head's inputs for `images`: `model`'s pooled backbone features (float32 N×D)."""
+    top = model.get_layer(TOP_NAME)
+    pool = next(layer for layer in top.layers
+                if isinstance(layer, (keras.layers.GlobalAveragePooling2D, keras.layers.Flatten)))
+    inputs = keras.Input(model.input.shape[1:])
+    features = keras.Model(top.input, pool.output)(model.get_layer(PREFIX_NAME)(inputs, training=False))
+    extractor = keras.Model(inputs, features)
+    ds = make_dataset(images, None, config.resolution, get_backbone(config.backbone).preprocess_input, batch_size)
+    return extractor.predict(ds, verbose=0).astype(np.float32)
+
+
+def validation_score(objective, truth, predicted):
+    """`objective` (hypermodel.space.OBJECTIVES) of `predicted` against `truth`."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    if objective == "balanced_accuracy":
+        return float(balanced_accuracy_score(truth, predicted))
+    if objective == "macro_f1":
+        return float(f1_score(truth, predicted, average="macro"))
+    return float(accuracy_score(truth, predicted))
+
+
+class LinearProbe:
+    """The logistic regression of standardised features, as a softmax layer's weights.
+
+    Args:
+        num_classes: K, the model's outputs (classes absent from the training labels
+            get a bias that never wins).
+        class_weight: Keras' {class: weight}, or None.
+    """
+
+    def __init__(self, num_classes, class_weight=None):
+        self.num_classes, self.class_weight = num_classes, class_weight
+
+    def fit(self, features, labels, inverse_l2):
+        """Fits at C = `inverse_l2`; returns (kernel D×K, bias K) for `softmax(f @ kernel + bias)`."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        scaler = StandardScaler().fit(features)
+        regression = LogisticRegression(C=inverse_l2, max_iter=MAX_ITERATIONS, class_weight=self.class_weight)
+        regression.fit(scaler.transform(features), labels)
+        coef, intercept = regression.coef_, regression.intercept_
+        if len(regression.classes_) == 2:  # one logit difference: split it over the two classes
+            coef, intercept = np.concatenate([-coef, coef]) / 2, np.array([-intercept[0], intercept[0]]) / 2
+        # The standardisation folded into the layer: (f - μ)/σ · w = f · (w/σ) - μ/σ · w.
+        kernel = np.zeros((features.shape[1], self.num_classes), np.float32)
+        bias = np.full(self.num_classes, -1e4, np.float32)
+        scaled = coef / scaler.scale_
+        kernel[:, regression.classes_] = scaled.T
+        bias[regression.classes_] = intercept - scaled @ scaler.mean_
+        return kernel, bias
+
+
+def fit_linear_head(model, config, data, batch_size, class_weight, objective, inverse_l2=INVERSE_L2, log=print):
+    """Sets `model`'s linear head to the logistic regression of its pooled features.
+
+    With several `inverse_l2` values, each is fitted on the training images and scored on
+    validation by `objective`; the best is kept.
+
+    Args:
+        model: A model from `build_transfer_model` with `config.head == "linear"`.
+        config: Its `TrialConfig`.
+        data: `TrainingData`.
+        class_weight: Keras' {class: weight}, or None.
+        objective: What validation chooses by (hypermodel.space.OBJECTIVES).
+        inverse_l2: The C values to try.
+
+    Returns:
+        The phase's record: its validation scores (as a one-epoch history), the chosen C
+        and each C's score.
+    """
+    started = time.time()
+    train_features = pooled_features(model, config, data.x_train, batch_size)
+    val_features = pooled_features(model, config, data.x_val, batch_size)
+    extracted_s = time.time() - started
+    probe, grid, best = LinearProbe(data.num_classes, class_weight), [], None
+    for c in inverse_l2:
+        kernel, bias = probe.fit(train_features, data.y_train, c)
+        predicted = np.argmax(val_features @ kernel + bias, axis=1)
+        score = validation_score(objective, data.y_val, predicted)
+        grid.append({"C": c, f"val_{objective}": round(score, 4)})
+        if best is None or score > best[0]:
+            best = (score, c, kernel, bias, float(np.mean(predicted == data.y_val)))
+    score, c, kernel, bias, accuracy = best
+    model.get_layer(TOP_NAME).layers[-1].set_weights([kernel, bias])
+    log(f"    linear head fitted exactly on {len(data.y_train)} images' pooled features "
+        f"({extracted_s:.0f} s to extract): C = {c} of {', '.join(map(str, inverse_l2))} by validation {objective}")
+    return {
+        "history": {"val_accuracy": [accuracy], f"val_{objective}": [score]},
+        "best_val_accuracy": accuracy,
+        "objective": objective,
+        "best_val_score": score,
+        "best_epoch": 1,
+        "epochs": 1,
+        "seconds": round(time.time() - started, 1),
+        "mode": "exact: logistic regression (L-BFGS)",
+        "inverse_l2": c,
+        "grid": grid,
+    }
