@@ -301,3 +301,65 @@ def test_epoch_lines_come_at_a_readable_rate():
     assert len(lines) == 2, lines  # the first epoch, and the last one run
     assert lines[0].startswith("  phase2 epoch 1/60") and lines[1].startswith("  phase2 epoch 60/60")
 
+
+
+def test_small_data_searches_the_linear_head_and_large_data_the_hidden_layer(digits, fashion):
+    assert decided(digits)[0].choices.heads == ("linear", "mlp")
+    assert decided(fashion)[0].choices.heads == ("mlp",)
+    settings, decisions = decided(digits, heads=("mlp",))
+    assert settings.choices.heads == ("mlp",) and "heads" not in by_setting(decisions)
+
+
+@pytest.fixture(scope="module")
+def digits_slice(digits_decoded):
+    return training_data(digits_decoded, 0.3, 0, train_subset=600, val_subset=300)
+
+
+LINEAR = dict(backbone="mobilenet_v2_0.35", resolution=96, pooling="avg", dense_units=64, dropout=0.0,
+              learning_rate=1e-3, lr_schedule="constant", warmup_epochs=0, optimizer="adam", augmentation="none",
+              head="linear")
+
+
+def test_the_linear_head_is_the_logistic_regression_of_the_pooled_features(digits_slice):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from data_pipeline.pipeline import make_dataset
+    from hypermodel.backbones import get_backbone
+    from hypermodel.linear_head import fit_linear_head, pooled_features
+    from hypermodel.model import build_transfer_model
+    from hypermodel.space import TrialConfig
+
+    data, config = digits_slice, TrialConfig(unfrozen_blocks=0, **LINEAR)
+    model = build_transfer_model(config, data.num_classes, "imagenet", 0)
+    record = fit_linear_head(model, config, data, 64, None, "accuracy", log=lambda _: None)
+    assert record["best_val_accuracy"] >= 0.85, record  # 8 px digits at 96 px, frozen ImageNet features
+    assert record["inverse_l2"] in [row["C"] for row in record["grid"]] and len(record["grid"]) == 4
+    # The Keras model predicts as scikit-learn's own pipeline at the chosen C.
+    features = pooled_features(model, config, data.x_train, 64)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=record["inverse_l2"], max_iter=2000))
+    reference.fit(features, data.y_train)
+    expected = reference.predict(pooled_features(model, config, data.x_val, 64))
+    ds = make_dataset(data.x_val, None, 96, get_backbone(config.backbone).preprocess_input, 64)
+    predicted = model.predict(ds, verbose=0).argmax(1)
+    assert np.mean(predicted == expected) >= 0.98
+    assert np.mean(predicted == data.y_val) == pytest.approx(record["best_val_accuracy"], abs=0.02)
+
+
+def test_fine_tuning_that_does_not_beat_the_linear_head_is_undone(digits_slice, tmp_path):
+    from hypermodel.model import TOP_NAME, build_transfer_model, unfrozen_blocks_of
+    from hypermodel.space import TrialConfig
+    from tuning.retrain import Phases
+
+    data, config = digits_slice, TrialConfig(unfrozen_blocks=2, **LINEAR)
+    # A rate too small to change a prediction: phase 2 cannot beat phase 1 on validation.
+    settings = dataclasses.replace(resolve("smoke", PROFILES["smoke"], {}), phase2_lr_factor=1e-7)
+    model = build_transfer_model(config, data.num_classes, "imagenet", 0)
+    blocks = unfrozen_blocks_of(model.get_layer(TOP_NAME))
+    first = [w.copy() for w in blocks.get_weights()]
+    phases = Phases(tmp_path, settings, config, {"trial_id": "0"}, None, None, 100, log=lambda _: None)
+    histories = phases.run(model, data, PhaseLengths(1, 2, None, None, 1))
+    assert histories["phase1"]["mode"].startswith("exact") and histories["phase2"]["epochs"] >= 1
+    assert histories["phase2"]["kept"] is False
+    assert all(np.array_equal(a, b) for a, b in zip(first, blocks.get_weights()))
