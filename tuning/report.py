@@ -108,10 +108,14 @@ def retrain_section(run_dir, metrics):
         p = metrics.get(phase, {})
         if "skipped" in p:
             lines.append(f"- {phase}: skipped ({p['skipped']})")
+        elif "inverse_l2" in p:
+            lines.append(f"- {phase}: the linear head fitted exactly [{p['mode']}], C = {p['inverse_l2']} chosen "
+                         f"on validation, val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s")
         elif p:
             lines.append(f"- {phase}: {p['epochs']} epochs at lr {p['learning_rate']:.2e} [{p['mode']}], "
                          f"augmentation {p.get('augmentation', 'as searched')}, "
-                         f"best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s")
+                         f"best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s"
+                         + ("" if p.get("kept", True) else "; not kept: it did not beat phase 1 on validation"))
     refit = metrics.get("refit")
     if refit and "epochs" in refit:
         lines.append(f"- refit: the final model was trained again on {refit['images']} training and validation "

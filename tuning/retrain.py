@@ -204,18 +204,21 @@ class Phases:
             before = model.get_weights() if phase == "phase2" and lengths.patience is not None else None
             histories[phase] = self._fit(model, data, config, label + phase, epochs, lr, lengths)
             if before is not None:
-                self._keep_better(model, before, histories)
+                self._keep_better(model, before, histories, data)
         histories["flips"] = flips
         return histories
 
-    def _keep_better(self, model, phase1_weights, histories):
-        """Returns `model` to its phase-1 weights where phase 2 never beat them on validation."""
+    def _keep_better(self, model, phase1_weights, histories, data):
+        """Returns `model` to its phase-1 weights where phase 2 never beat them on validation
+        by more than one image's worth (the two phases' scores are computed apart, and a
+        near-tie image may round either way)."""
+        objective = histories["phase2"]["objective"]
         phase1, phase2 = histories["phase1"]["best_val_score"], histories["phase2"]["best_val_score"]
-        histories["phase2"]["kept"] = bool(phase2 > phase1)
+        histories["phase2"]["kept"] = bool(phase2 > phase1 + one_image_worth(objective, data.y_val))
         if not histories["phase2"]["kept"]:
             model.set_weights(phase1_weights)
-            self.log(f"  phase 2's best validation {histories['phase2']['objective']} {phase2:.4f} is no better "
-                     f"than phase 1's {phase1:.4f}: the model keeps phase 1's weights")
+            self.log(f"  phase 2's best validation {objective} {phase2:.4f} does not beat phase 1's "
+                     f"{phase1:.4f} by more than one image: the model keeps phase 1's weights")
 
     def class_weight(self, data):
         return class_weights(data.y_train, data.num_classes, self.settings.class_weight)
@@ -292,6 +295,16 @@ class Phases:
                  f"(less {self.reserve} s for test and export)"
                  + (f"; {epochs} epochs, stopping after {patience} without progress" if lengths.phase2_cap else ""))
         return epochs, patience, plan, FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=self.log)
+
+
+def one_image_worth(objective, labels):
+    """The most one validation image can move `objective`: 1/N for accuracy; for balanced
+    accuracy and macro-F1, one image of the smallest class (1/(K × its count))."""
+    if objective == "accuracy":
+        return 1 / len(labels)
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    return 1 / (len(counts) * counts.min())
 
 
 @dataclasses.dataclass(frozen=True)
