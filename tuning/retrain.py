@@ -88,7 +88,6 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         The metrics dict written to metrics.json.
     """
     run_dir = Path(run_dir)
-    started = time.time()
     best, config = read_best(run_dir)
     lengths = PhaseLengths.of(best, settings, len(data.y_train), deadline, head_only=config.unfrozen_blocks == 0)
     log(f"retraining trial {best['trial_id']} (val_accuracy {best['val_accuracy']:.4f}): "
@@ -104,7 +103,7 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         f"flip-averaged: {'used' if tta['used'] else 'not used'}")
     refit = None
     if settings.refit_with_validation:
-        model, refit = refit_with_validation(phases, model, data, histories, time.time() - started)
+        model, refit = refit_with_validation(phases, model, data, histories)
     set_unfrozen_blocks_trainable(model, True)
     save_model(model, run_dir / "model.keras")
     metrics = evaluate_test(model, config, dataset, settings.batch_size, tta=tta["used"])
@@ -123,14 +122,17 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
     return metrics
 
 
-def refit_with_validation(phases, model, data, histories, seconds):
+def refit_with_validation(phases, model, data, histories):
     """The final model refitted on the training and validation images together, each
-    phase for the epochs validation chose (a small dataset's validation split is a large
-    share of its images). Skipped, keeping `model`, when the job's deadline leaves no time.
+    phase it kept for the epochs validation chose (a small dataset's validation split is a
+    large share of its images). Skipped, keeping `model`, when the job's deadline leaves
+    no time for those phases again.
 
     Returns:
         (model, {"epochs": {phase: epochs}, "images"} or {"skipped": why}).
     """
+    kept = [histories[phase] for phase in ("phase1", "phase2") if histories[phase].get("kept", True)]
+    seconds = sum(record.get("seconds", 0) for record in kept) * (1 + len(data.y_val) / len(data.y_train))
     if phases.deadline is not None and time.time() + seconds > phases.deadline - phases.reserve:
         phases.log("  refit with the validation images: skipped, the job's deadline leaves no time for it")
         return model, {"skipped": "no time before the job's deadline"}
