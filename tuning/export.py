@@ -54,7 +54,10 @@ EXPORTS_FILE = "exports.json"
 CALIBRATION_IMAGES = 300
 TEST_CHUNK = 512
 PARITY_IMAGES = 512
-PARITY_TOLERANCE = 1e-5
+# The SavedModel runs the same float32 graph as the Keras model, but its kernels may fuse and
+# order operations differently: probabilities then differ by rounding, up to ~1e-5 on a
+# 62-class MobileNetV2 (the suite's glyphs). A wrong preprocessing moves them by far more.
+PARITY_TOLERANCE = 1e-4
 
 
 class ParityError(RuntimeError):

@@ -165,6 +165,7 @@ class Phases:
         self.run_dir, self.settings, self.config, self.best = run_dir, settings, config, best
         self.feature_cache, self.deadline, self.log = feature_cache, deadline, log
         self.reserve = finish_reserve_s(test_images)
+        self.phase1_seconds = 0.0
 
     def run(self, model, data, lengths, label="", flips=None, chosen=None):
         """Trains `model` on `data` phase by phase; returns {phase: record, "flips": ...}.
@@ -202,9 +203,11 @@ class Phases:
                 histories[phase] = fit_linear_head(
                     model, config, data, self.settings.batch_size, self.class_weight(data),
                     self.monitor(data).removeprefix("val_"), inverse_l2, self.log)
+                self.phase1_seconds = histories[phase]["seconds"]
                 continue
             before = model.get_weights() if phase == "phase2" and lengths.patience is not None else None
             histories[phase] = self._fit(model, data, config, label + phase, epochs, lr, lengths)
+            self.phase1_seconds = histories["phase1"].get("seconds", 0.0)
             if before is not None:
                 self._keep_better(model, before, histories, data)
         histories["flips"] = flips
@@ -284,7 +287,13 @@ class Phases:
 
     def _plan_to_deadline(self, model, data, config, lengths, regularisation):
         """Phase 2's epochs, patience, plan record and `FitToDeadline`, timed on this machine."""
-        finish_by = self.deadline - self.reserve
+        now = time.time()
+        left = self.deadline - self.reserve - now
+        if self.settings.refit_with_validation:
+            # The refit repeats the phases on the validation images too: keep its time.
+            grow = 1 + len(data.y_val) / len(data.y_train)
+            left = (left - grow * self.phase1_seconds) / (1 + grow)
+        finish_by = now + max(0.0, left)
         fitted = epochs_that_fit(finish_by, model, config, data, self.settings.batch_size, self.settings.seed,
                                  **regularisation)
         epochs = min(fitted.epochs, lengths.phase2_cap or fitted.epochs)
@@ -294,7 +303,8 @@ class Phases:
         plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": self.reserve,
                          "cap": lengths.phase2_cap, "cap_reason": lengths.phase2_cap_reason}}
         self.log(f"  phase2 plan, timed on this machine: {fitted.reasoning()} before the job's deadline "
-                 f"(less {self.reserve} s for test and export)"
+                 f"(less {self.reserve} s for test and export"
+                 + (", and the refit's share" if self.settings.refit_with_validation else "") + ")"
                  + (f"; {epochs} epochs, stopping after {patience} without progress" if lengths.phase2_cap else ""))
         return epochs, patience, plan, FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=self.log)
 
