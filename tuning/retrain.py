@@ -294,19 +294,33 @@ class Phases:
             grow = 1 + len(data.y_val) / len(data.y_train)
             left = (left - grow * self.phase1_seconds) / (1 + grow)
         finish_by = now + max(0.0, left)
+        if lengths.phase2_cap:
+            return self._capped_plan(lengths, finish_by, left)
         fitted = epochs_that_fit(finish_by, model, config, data, self.settings.batch_size, self.settings.seed,
                                  **regularisation)
-        epochs = min(fitted.epochs, lengths.phase2_cap or fitted.epochs)
-        # Where the deadline is what limits the result, the schedule decays over exactly
-        # these epochs: run them all (augmented validation accuracy dips early on), keep the best.
-        patience = lengths.patience if lengths.phase2_cap else epochs
-        plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": self.reserve,
-                         "cap": lengths.phase2_cap, "cap_reason": lengths.phase2_cap_reason}}
+        # The deadline is what limits the result: the schedule decays over exactly these
+        # epochs, so run them all (augmented validation accuracy dips early on), keep the best.
+        epochs = fitted.epochs
+        plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": self.reserve}}
         self.log(f"  phase2 plan, timed on this machine: {fitted.reasoning()} before the job's deadline "
-                 f"(less {self.reserve} s for test and export"
-                 + (", and the refit's share" if self.settings.refit_with_validation else "") + ")"
-                 + (f"; {epochs} epochs, stopping after {patience} without progress" if lengths.phase2_cap else ""))
-        return epochs, patience, plan, FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=self.log)
+                 f"(less {self.reserve} s for test and export{self._refit_note()})")
+        return epochs, epochs, plan, FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=self.log)
+
+    def _capped_plan(self, lengths, finish_by, left):
+        """A phase 2 that needs at most `lengths.phase2_cap` epochs (a small dataset): timing
+        its steps first would cost several of its short epochs, so they are timed as they
+        run, and it stops early on a plateau or before the deadline."""
+        epochs, patience = lengths.phase2_cap, lengths.patience
+        reasoning = (f"at most {epochs} epochs ({lengths.phase2_cap_reason}), timed as they run; "
+                     f"{left:.0f} s left before the job's deadline")
+        plan = {"plan": {"epochs": epochs, "seconds_left": round(left, 1), "reasoning": reasoning,
+                         "finish_reserve_s": self.reserve, "cap": epochs, "cap_reason": lengths.phase2_cap_reason}}
+        self.log(f"  phase2 plan: {reasoning} (less {self.reserve} s for test and export{self._refit_note()}); "
+                 f"stopping after {patience} epochs without progress")
+        return epochs, patience, plan, FitToDeadline(finish_by, log=self.log)
+
+    def _refit_note(self):
+        return ", and the refit's share" if self.settings.refit_with_validation else ""
 
 
 def one_image_worth(objective, labels):
