@@ -363,3 +363,25 @@ def test_fine_tuning_that_does_not_beat_the_linear_head_is_undone(digits_slice, 
     assert histories["phase1"]["mode"].startswith("exact") and histories["phase2"]["epochs"] >= 1
     assert histories["phase2"]["kept"] is False
     assert all(np.array_equal(a, b) for a, b in zip(first, blocks.get_weights()))
+
+
+def test_a_capped_phase_2_is_timed_as_it_runs_and_keeps_time_for_the_refit(digits_slice, tmp_path):
+    import time
+
+    from hypermodel.model import build_transfer_model
+    from hypermodel.space import TrialConfig
+    from tuning.retrain import Phases, finish_reserve_s
+
+    data, config = digits_slice, TrialConfig(unfrozen_blocks=2, **LINEAR)
+    settings = dataclasses.replace(resolve("cpu", PROFILES["cpu"], {}), refit_with_validation=True,
+                                   retrain_augmentation=None, label_smoothing=0.0, ema_momentum=None)
+    lines = []
+    deadline = time.time() + finish_reserve_s(100) + 600
+    phases = Phases(tmp_path, settings, config, {"trial_id": "0"}, None, deadline, 100, log=lines.append)
+    model = build_transfer_model(config, data.num_classes, "imagenet", 0)
+    histories = phases.run(model, data, PhaseLengths(1, None, 3, "a test's cap", 2))
+    plan = histories["phase2"]["plan"]
+    assert plan["epochs"] == 3 and 1 <= histories["phase2"]["epochs"] <= 3
+    assert "timed as they run" in plan["reasoning"] and "steps ×" not in "\n".join(lines)
+    # Half of what is left, less the exact fit's repeat, goes to phase 2: the refit repeats it on 1.5× the images.
+    assert plan["seconds_left"] < 600 / 2, plan
