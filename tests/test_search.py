@@ -92,11 +92,11 @@ def test_run_dir_contract(smoke_run):
     assert "Top 5:" in second.stdout
 
 
-def test_changed_settings_refuse_to_resume(smoke_run, tmp_path):
-    run_dir = smoke_run[0]
+def test_changed_settings_refuse_to_resume(smoke_job, tmp_path):
+    run_dir = smoke_job.run_dir
     before = sorted(p.name for p in run_dir.iterdir())
-    result = run_cli("search", "--profile", "smoke", "--unfrozen-blocks", "2,5", "--run-dir", run_dir,
-                     "--resolutions", "64")
+    result = run_cli("search", "--profile", "smoke", "--data", smoke_job.data, "--unfrozen-blocks", "2,5",
+                     "--run-dir", run_dir, "--resolutions", "64")
     assert result.returncode == 2
     assert "different settings (choices)" in result.stderr
     assert "Traceback" not in result.stderr
