@@ -94,7 +94,10 @@ def searched(tmp_path_factory):
                               learning_rate=(1e-3, 2e-3), dropout=(0.0, 0.0), lr_schedules=("constant",),
                               warmup_epochs=(0,)),
     )
+    # The retrains here check which weights train, who reads the test split and when phase 2
+    # stops, not the test accuracy: 2 000 test images to evaluate instead of 10 000.
     dataset = load_dataset()
+    dataset = dataclasses.replace(dataset, x_test=dataset.x_test[:2000], y_test=dataset.y_test[:2000])
     run_dir = prepare_run_dir(settings, dataset)
     run_search(settings, search_data(dataset, settings), run_dir, log=lambda m: None)
     searched_rate = json.loads((run_dir / "best_hparams.json").read_text())["hyperparameters"]["learning_rate"]
@@ -104,7 +107,9 @@ def searched(tmp_path_factory):
 
 def test_phases_train_the_right_weights_at_the_right_rate_and_keep_batchnorm_statistics(searched, monkeypatch):
     settings, dataset, run_dir, searched_rate = searched
-    settings = dataclasses.replace(settings, phase2_lr_factor=0.25)
+    # Two epochs a phase, as given (by default a phase lasts at least 20 000 images): which
+    # weights train, and at which rate, does not depend on how long.
+    settings = dataclasses.replace(settings, phase2_lr_factor=0.25, epochs=2)
     phases = []
     monkeypatch.setattr(retrain_module, "train", recording_train(phases, retrain_module.train))
     # With the feature cache, as the CLI retrains: both phases train `trainable_top` on cached activations.
@@ -129,6 +134,7 @@ def test_phases_train_the_right_weights_at_the_right_rate_and_keep_batchnorm_sta
 
 def test_test_split_is_read_only_by_the_final_evaluation(searched, monkeypatch):
     settings, dataset, run_dir, _ = searched
+    settings = dataclasses.replace(settings, epochs=2)  # who reads the test split does not depend on how long
     evaluation = {"calls": 0, "active": False}
     original_evaluate = retrain_module.evaluate_test
 
@@ -199,10 +205,14 @@ def test_phase2_fills_the_time_left_before_the_job_deadline(searched, monkeypatc
     # The search judged a slice of what phase 2 trains on (a large dataset's case): the
     # deadline, not the winner's own training, is what limits phase 2.
     settings = dataclasses.replace(settings, train_subset=len(data.y_train) // 2)
-    finish_by = time.time() + 40
-    metrics = retrain_module.retrain(run_dir, settings, dataset, data,
+    # With the feature cache, as the CLI retrains: phase 1 (the head on cached features)
+    # leaves most of the time to phase 2 (augmented, end to end).
+    cache = FeatureCache(None, log=lambda m: None)
+    finish_by = time.time() + 25
+    metrics = retrain_module.retrain(run_dir, settings, dataset, data, feature_cache=cache,
                                      deadline=finish_by + retrain_module.finish_reserve_s(len(dataset.y_test)), log=lambda m: None)
     assert len(phases) == 2
+    assert metrics["phase1"]["mode"] == "cached" and metrics["phase2"]["mode"].startswith("end-to-end")
     # Phase 2 alone is fitted to the job's deadline less the reserve, planned from its own timing.
     ((planned_for, plan),) = plans
     (callback,) = RecordingFitToDeadline.built
@@ -305,7 +315,7 @@ def test_phase2_keeps_the_averaged_weights_it_validated_with_label_smoothing(sea
     average and the saved model is that average: its validation accuracy, computed here,
     is the best one phase 2 recorded."""
     settings, dataset, run_dir, _ = searched
-    settings = dataclasses.replace(settings, retrain_augmentation="flip_shift_erase", retrain_epochs=(1, 3),
+    settings = dataclasses.replace(settings, retrain_augmentation="flip_shift_erase", epochs=3,
                                    ema_momentum=0.9, label_smoothing=0.1)
     data = search_data(dataset, settings)
     metrics = retrain_module.retrain(run_dir, settings, dataset, data, log=lambda m: None)

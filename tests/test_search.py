@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from cli import run_cli
+from conftest import SMOKE_TEST_IMAGES
 from data_pipeline import load_dataset
 from common.errors import DataError
 from hypermodel.space import SearchChoices
@@ -59,7 +60,10 @@ def test_run_dir_contract(smoke_run):
     run_dir, _, _, second = smoke_run
     config = json.loads((run_dir / "config.json").read_text())
     assert config["settings"]["profile"] == "smoke"
-    assert config["data"]["checksum_status"] == "verified"
+    # The data as read: Fashion-MNIST with a shorter test split, so not the official files
+    # (the vendored ones are verified in test_gpu_profile_runs_on_cpu_with_a_tiny_budget).
+    assert config["data"]["checksum_status"] == "computed"
+    assert (config["data"]["train"], config["data"]["test"]) == (60000, SMOKE_TEST_IMAGES)
     assert {"tensorflow", "keras", "keras_tuner"} <= set(config["versions"])
     assert (run_dir / "tuner" / "oracle.json").is_file()
 
@@ -88,11 +92,11 @@ def test_run_dir_contract(smoke_run):
     assert "Top 5:" in second.stdout
 
 
-def test_changed_settings_refuse_to_resume(smoke_run, tmp_path):
-    run_dir = smoke_run[0]
+def test_changed_settings_refuse_to_resume(smoke_job, tmp_path):
+    run_dir = smoke_job.run_dir
     before = sorted(p.name for p in run_dir.iterdir())
-    result = run_cli("search", "--profile", "smoke", "--unfrozen-blocks", "2,5", "--run-dir", run_dir,
-                     "--resolutions", "64")
+    result = run_cli("search", "--profile", "smoke", "--data", smoke_job.data, "--unfrozen-blocks", "2,5",
+                     "--run-dir", run_dir, "--resolutions", "64")
     assert result.returncode == 2
     assert "different settings (choices)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -251,7 +255,9 @@ def test_gpu_profile_runs_on_cpu_with_a_tiny_budget(tmp_path):
         "--formats", "savedmodel",  # the LiteRT files are tested on the smoke jobs
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    settings = json.loads((run_dir / "config.json").read_text())["settings"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"]["source"] == "vendored" and config["data"]["checksum_status"] == "verified"
+    settings = config["settings"]
     assert settings["mixed_precision"] is True
     assert settings["batch_size"] == 128 and settings["job_time_budget_s"] == 200
     board = pd.read_csv(run_dir / "leaderboard.csv")

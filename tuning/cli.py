@@ -180,7 +180,8 @@ def dispatch(invocation):
     command, options = invocation.command, invocation.options
     if command == "data":
         def image_settings():
-            quiet_import_tensorflow()  # the default profile depends on the GPUs TensorFlow sees
+            if not options.get("profile"):  # the default profile depends on the GPUs TensorFlow sees
+                quiet_import_tensorflow()
             return resolve_settings(options)
 
         return jobs.show_data(options.get("data"), options.get("skip_bad_images", False), image_settings)
