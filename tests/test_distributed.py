@@ -230,6 +230,34 @@ def test_local_workers_share_one_search_and_the_job_goes_on_alone(tmp_path, proc
     assert not TENSORFLOW_NATIVE_LINES.search(out), TENSORFLOW_NATIVE_LINES.search(out).group(0)
 
 
+def test_a_killed_local_workers_trial_runs_again_at_once(tmp_path, processes):
+    """A local worker killed mid-trial (say, by the kernel's OOM killer) is known dead to
+    the chief that started it: its trial reruns on the other worker without waiting for
+    --worker-timeout's silence."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    search = processes.start(*LONG_TRIALS, "--run-dir", run_dir, "--workers", "2", "--worker-timeout", "30m")
+    oracle_file = run_dir / "tuner" / "oracle.json"
+
+    def local_1_trial():
+        return oracle_file.exists() and json.loads(oracle_file.read_text())["ongoing_trials"].get("local-1")
+
+    assert wait_for(local_1_trial, timeout=300, interval=0.2), "local-1 never started a trial"
+    killed_trial = local_1_trial()
+    worker = next(p for p in psutil.Process(search.pid).children(recursive=True)
+                  if "tuning.search_worker" in " ".join(p.cmdline()) and "local-1" in p.cmdline())
+    worker.kill()
+    code, out = processes.finish(search)
+    assert code == 0, out[-3000:]
+    assert f"trial {killed_trial}: worker local-1 was killed (SIGKILL); it runs again" in out, out[-3000:]
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
+    board = board.set_index("trial_id")
+    assert len(board) == 2 and (board["status"] == "COMPLETED").all(), board[["status", "worker", "error"]]
+    assert board.loc[killed_trial, "worker"] == "local-2"
+    assert board.loc[killed_trial, "retried"].startswith("worker local-1 was killed")
+
+
 def test_local_workers_do_not_go_with_a_distributed_role(tmp_path):
     from cli import assert_user_error, run_cli
 

@@ -107,13 +107,13 @@ class LocalWorkers:
         self.log(f"{self.count} local workers ({self.threads} thread{'s' * (self.threads > 1)} each) "
                  f"ask the oracle at {self.oracle} for trials")
 
-    def wait(self, serving=lambda: True):
+    def wait(self, serving=lambda: True, lost=lambda worker, reason: None):
         """Returns when every worker has ended the search, or when the oracle no longer
         serves (`serving()` false: the chief ended the search; `stop` then ends workers
         still waiting on it); raises if one failed.
 
-        A worker killed by a signal is lost, not failed: the chief gives its trial to
-        another worker once it has been silent for --worker-timeout.
+        A worker killed by a signal is lost, not failed: `lost(worker, reason)` tells the
+        chief's oracle at once, which gives its trial to another worker.
         """
         served_until = None
         while True:
@@ -132,8 +132,8 @@ class LocalWorkers:
             for worker, code in codes.items():
                 if code is not None and code < 0 and worker not in self.lost:
                     self.lost[worker] = code
-                    self.log(f"local worker {worker} was killed ({signal.Signals(-code).name}); "
-                             "a trial it was on runs again on another worker")
+                    self.log(f"local worker {worker} was killed ({signal.Signals(-code).name})")
+                    lost(worker, f"was killed ({signal.Signals(-code).name})")
             if all(c is not None for c in codes.values()):
                 return
             time.sleep(0.5)

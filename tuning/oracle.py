@@ -101,28 +101,41 @@ class BudgetedOracleMixin:
         now = time.time()
         for tuner_id, trial in list(shims.running_trials(self).items()):
             last = self._last_seen.setdefault(trial.trial_id, now)  # after a chief restart: from now
-            if now - last <= timeout:
-                continue
-            self._last_contact[tuner_id] = last
-            reason = f"worker {tuner_id} stopped reporting for {now - last:.0f} s"
-            losses = self._lost_runs.setdefault(trial.trial_id, [])
-            losses.append(reason)
-            self._runners.setdefault(trial.trial_id, set()).add(tuner_id)  # known after a chief restart too
-            if len(losses) == 1:
-                shims.requeue_trial(self, tuner_id)
-                self._started.pop(trial.trial_id, None)
-                self._last_seen.pop(trial.trial_id, None)
-                self.save()
-                self.log(f"trial {trial.trial_id}: {reason}; it runs again on the next worker that asks")
-            else:
-                trial.status = "FAILED"
-                trial.message = f"{reason} (its first run was lost too: {losses[0]}): trial abandoned"
-                self.end_trial(trial)
-                self.log(f"trial {trial.trial_id}: {trial.message}")
+            if now - last > timeout:
+                self._last_contact[tuner_id] = last
+                self._give_back(tuner_id, trial, f"worker {tuner_id} stopped reporting for {now - last:.0f} s")
         for tuner_id in list(shims.waiting_workers(self)):
             idle_since = self._last_contact.setdefault(tuner_id, now)
             if tuner_id not in shims.running_trials(self) and now - idle_since > timeout:
                 shims.waiting_workers(self).discard(tuner_id)
+
+    @shims.synchronized
+    def lose_worker(self, tuner_id, reason):
+        """Gives back the trial of a worker known to be dead (a local worker process that
+        was killed) now, instead of after --worker-timeout of silence."""
+        trial = shims.running_trials(self).get(tuner_id)
+        if trial is not None:
+            self._last_contact[tuner_id] = time.time()
+            self._give_back(tuner_id, trial, f"worker {tuner_id} {reason}")
+        shims.waiting_workers(self).discard(tuner_id)
+
+    def _give_back(self, tuner_id, trial, reason):
+        """`trial`'s run on `tuner_id` is lost: it runs again on the next worker that asks,
+        or, lost a second time, ends FAILED."""
+        losses = self._lost_runs.setdefault(trial.trial_id, [])
+        losses.append(reason)
+        self._runners.setdefault(trial.trial_id, set()).add(tuner_id)  # known after a chief restart too
+        if len(losses) == 1:
+            shims.requeue_trial(self, tuner_id)
+            self._started.pop(trial.trial_id, None)
+            self._last_seen.pop(trial.trial_id, None)
+            self.save()
+            self.log(f"trial {trial.trial_id}: {reason}; it runs again on the next worker that asks")
+        else:
+            trial.status = "FAILED"
+            trial.message = f"{reason} (its first run was lost too: {losses[0]}): trial abandoned"
+            self.end_trial(trial)
+            self.log(f"trial {trial.trial_id}: {trial.message}")
 
     @shims.synchronized  # the stop decision is made before another worker can get a trial
     def end_trial(self, trial):

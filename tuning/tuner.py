@@ -345,10 +345,11 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
         feature_cache: Optional `FeatureCache`.
         worker: "local"; in distributed mode "chief" (serves the oracle) or the worker id
             (KERASTUNER_* variables must then be set: see `configure_distributed`).
-        until: For a chief whose workers it started itself: `until(serving)` returns once
-            they all ended the search, or once `serving()` is false, KerasTuner's chief
-            having ended the search (`LocalWorkers.wait`). The chief then serves in a
-            daemon thread instead of polling every 20 s for workers that are gone.
+        until: For a chief whose workers it started itself: `until(serving, lost)` returns
+            once they all ended the search, or once `serving()` is false, KerasTuner's chief
+            having ended the search, and calls `lost(worker, reason)` for a worker that died
+            (`LocalWorkers.wait`). The chief then serves in a daemon thread instead of
+            polling every 20 s for workers that are gone.
 
     Returns:
         A dict: trials, completed, stopped_by_budget, best (best_hparams.json or None).
@@ -384,7 +385,7 @@ def run_search(settings, data, run_dir, feature_cache=None, log=print, worker="l
     else:
         serving = threading.Thread(target=tuner.search, args=(data,), daemon=True)
         serving.start()
-        until(serving.is_alive)
+        until(serving.is_alive, tuner.oracle.lose_worker)
     if worker not in ("local", "chief"):
         log(f"worker {worker}: the chief has no trial left for it; its search is over")
     elif worker == "chief":
