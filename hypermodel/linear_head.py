@@ -21,6 +21,11 @@ from hypermodel.model import PREFIX_NAME, TOP_NAME
 # ties validation keeps the stronger regularisation.
 INVERSE_L2 = (0.01, 0.1, 1.0, 10.0)
 MAX_ITERATIONS = 2000
+# Standardisation divides by each feature's spread, floored at this share of the median
+# spread: a feature nearly constant over the training images (a channel ReLU6 keeps at 0)
+# would otherwise get a weight thousands of times the others', which int8 quantisation of
+# the layer cannot represent (the 8 px digits' int8 export fell to chance).
+SPREAD_FLOOR = 0.1
 
 
 def pooled_features(model, config, images, batch_size):
@@ -47,7 +52,7 @@ def validation_score(objective, truth, predicted):
 
 
 class LinearProbe:
-    """The logistic regression of standardised features, as a softmax layer's weights.
+    """The logistic regression of standardised features (`SPREAD_FLOOR`), as a softmax layer's weights.
 
     Args:
         num_classes: K, the model's outputs (classes absent from the training labels
@@ -61,20 +66,20 @@ class LinearProbe:
     def fit(self, features, labels, inverse_l2):
         """Fits at C = `inverse_l2`; returns (kernel D×K, bias K) for `softmax(f @ kernel + bias)`."""
         from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
 
-        scaler = StandardScaler().fit(features)
+        mean, spread = features.mean(axis=0), features.std(axis=0)
+        spread = np.maximum(spread, SPREAD_FLOOR * np.median(spread) + 1e-12)
         regression = LogisticRegression(C=inverse_l2, max_iter=MAX_ITERATIONS, class_weight=self.class_weight)
-        regression.fit(scaler.transform(features), labels)
+        regression.fit((features - mean) / spread, labels)
         coef, intercept = regression.coef_, regression.intercept_
         if len(regression.classes_) == 2:  # one logit difference: split it over the two classes
             coef, intercept = np.concatenate([-coef, coef]) / 2, np.array([-intercept[0], intercept[0]]) / 2
         # The standardisation folded into the layer: (f - μ)/σ · w = f · (w/σ) - μ/σ · w.
         kernel = np.zeros((features.shape[1], self.num_classes), np.float32)
         bias = np.full(self.num_classes, -1e4, np.float32)
-        scaled = coef / scaler.scale_
+        scaled = coef / spread
         kernel[:, regression.classes_] = scaled.T
-        bias[regression.classes_] = intercept - scaled @ scaler.mean_
+        bias[regression.classes_] = intercept - scaled @ mean
         return kernel, bias
 
 

@@ -343,7 +343,10 @@ def test_the_linear_head_is_the_logistic_regression_of_the_pooled_features(digit
     expected = reference.predict(pooled_features(model, config, data.x_val, 64))
     ds = make_dataset(data.x_val, None, 96, get_backbone(config.backbone).preprocess_input, 64)
     predicted = model.predict(ds, verbose=0).argmax(1)
-    assert np.mean(predicted == expected) >= 0.98
+    # The same regression, up to the spread floor that keeps near-constant features' weights small.
+    assert np.mean(predicted == expected) >= 0.95
+    kernel = model.get_layer("trainable_top").layers[-1].get_weights()[0]
+    assert np.abs(kernel).max() <= 100 * np.percentile(np.abs(kernel), 90), "weights int8 cannot represent together"
     assert np.mean(predicted == data.y_val) == pytest.approx(record["best_val_accuracy"], abs=0.02)
 
 
