@@ -42,7 +42,8 @@ def test_whole_job_on_an_image_folder(folder_job):
     majority = test["label"].value_counts().max() / len(test)
     assert metrics["test_accuracy"] > majority + 0.1, (metrics["test_accuracy"], majority)
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["settings"]["choices"]["resolutions"] == [96]  # a 3×3 final feature map: the smoke profile's size
+    # A 3×3 final feature map, and the smoke ladder's top, which a hundred images afford.
+    assert config["settings"]["choices"]["resolutions"] == [96, 224]
     # The misclassified grid is there exactly when test files are misclassified, counted
     # here from the export's own predictions on the raw files (±1: a near tie).
     wrong = int(np.sum(export_classes(root, run_dir, test["path"]) != test["label"].to_numpy()))
@@ -284,4 +285,4 @@ def test_data_summary_of_an_image_folder(good_tree):
     assert "images:      18 (train 15, test 3)" in out
     assert "ignored:     2 hidden or non-image files" in out
     assert "modes:" in out and "RGBA" in out and " L " in out
-    assert "fed as:      RGB" in out and "searches 96, 160 px" in out  # 96 px: a 3×3 final map; 160: the cpu ladder's top
+    assert "fed as:      RGB" in out and "searches 96, 224 px" in out  # 96 px: a 3×3 final map; 224: the cpu ladder's top
