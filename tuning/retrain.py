@@ -293,7 +293,7 @@ class Phases:
             # The refit repeats the phases on the validation images too: keep its time.
             grow = 1 + len(data.y_val) / len(data.y_train)
             left = (left - grow * self.phase1_seconds) / (1 + grow)
-        finish_by = now + max(0.0, left)
+        finish_by = now + left  # may be past: phase 2 then gets its one epoch
         if lengths.phase2_cap:
             return self._capped_plan(lengths, finish_by, left)
         fitted = epochs_that_fit(finish_by, model, config, data, self.settings.batch_size, self.settings.seed,
