@@ -279,7 +279,10 @@ def test_gpu_profile_runs_on_cpu_with_a_tiny_budget(tmp_path):
     # Only the tool's own lines: no library warnings.
     assert "Warning" not in result.stdout + result.stderr, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["phase2"]["augmentation"] == "flip_shift_erase" and 1 <= metrics["phase2"]["epochs"] <= plan["epochs"]
+    # The profile's augmentation, less its flips where the phase-1 model's mirror test says so
+    # (a 1-epoch model on random weights is near chance: either verdict can come out).
+    expected = "flip_shift_erase" if metrics["flips"]["invariant"] else "shift_erase"
+    assert metrics["phase2"]["augmentation"] == expected and 1 <= metrics["phase2"]["epochs"] <= plan["epochs"]
     assert metrics["export"]["passed"] and metrics["export"]["flip_tta"] == metrics["tta"]["used"]
 
 
