@@ -149,14 +149,15 @@ def test_a_latency_limit_below_every_model_rejects_all_trials_untrained(tmp_path
 
 
 def test_a_size_limit_trains_only_the_models_within_it(tmp_path):
-    """MobileNetV2 α 0.35 with the smoke head weighs ~2.2 MB in float32, α 0.5 ~3.3 MB."""
+    """MobileNetV2 α 0.5 weighs over 2.8 MB in float32 with any smoke head; α 0.35 ~2.2 MB with a
+    64–128-unit head (2.85 MB with 256 units)."""
     run_dir = tmp_path / "run"
     result = run_cli("search", *SMALL, "--heads", "mlp", "--max-model-mb", "2.8", "--run-dir", run_dir)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     board = leaderboard(run_dir)
     trained, rejected = board[board["status"] == "COMPLETED"], board[board["status"] == "REJECTED"]
     assert len(trained) and len(rejected), board
-    assert set(trained["backbone"]) == {"mobilenet_v2_0.35"} and set(rejected["backbone"]) == {"mobilenet_v2_0.5"}
+    assert set(trained["backbone"]) == {"mobilenet_v2_0.35"} and "mobilenet_v2_0.5" in set(rejected["backbone"])
     assert (trained["model_mb"] <= 2.8).all() and (rejected["model_mb"] > 2.8).all()
     assert (trained["train_s"] > 0).all() and (trained["train_s"] < trained["seconds"]).all()
     assert rejected["error"].str.contains("--max-model-mb 2.8").all()
