@@ -171,11 +171,16 @@ def test_heartbeats_keep_trials_longer_than_the_worker_timeout(tmp_path, process
 
 def test_without_heartbeats_trials_longer_than_the_worker_timeout_are_lost(tmp_path, processes):
     code, out, board = long_trial_search(processes, tmp_path / "run", "--heartbeat", "0")
-    assert code == 2, out[-3000:]  # no trial completed
-    assert len(board) == 2 and (board["status"] == "FAILED").all(), board[["status", "error"]]
+    assert len(board) == 2, board[["status", "error"]]
+    # Every trial's first run is taken for lost and runs again. Whether the rerun is lost
+    # too, or a late result of either run ends the trial first (the first result wins),
+    # depends on when the runs report; no trial is left running either way.
     for row in board.itertuples():
         assert re.fullmatch(r"worker local-\d stopped reporting for \d+ s", row.retried), row.retried
-        assert re.search(r"worker local-\d stopped reporting for \d+ s \(its first run was lost too", row.error)
+        assert row.status in ("COMPLETED", "FAILED"), row
+        if row.status == "FAILED":
+            assert re.search(r"worker local-\d stopped reporting for \d+ s \(its first run was lost too", row.error)
+    assert code == (0 if (board["status"] == "COMPLETED").any() else 2), out[-3000:]
 
 
 MIRRORED = """
