@@ -237,7 +237,7 @@ def search(settings, explicit=(), source=None):
         from tuning.leaderboard import top
 
         log(top(frame, TOP_N).to_string(index=False, columns=[
-            "trial_id", "backbone", "resolution", "unfrozen_blocks", *(["head"] if "head" in frame else []),
+            "trial_id", "backbone", "resolution", "unfrozen_blocks", "head",
             "dense_units", "dropout",
             "learning_rate", "lr_schedule", *(["score"] if settings.objective != "accuracy" else []), "val_accuracy",
             "epochs", "train_s", "seconds", "latency_ms"]))
