@@ -388,3 +388,34 @@ def test_a_capped_phase_2_is_timed_as_it_runs_and_keeps_time_for_the_refit(digit
     assert "timed as they run" in plan["reasoning"] and "steps ×" not in "\n".join(lines)
     # Half of what is left, less the exact fit's repeat, goes to phase 2: the refit repeats it on 1.5× the images.
     assert plan["seconds_left"] < 600 / 2, plan
+
+
+def test_fine_tuning_from_an_exact_head_keeps_its_features_and_validates_the_augmentation(digits_slice, tmp_path):
+    from data_pipeline.pipeline import make_dataset
+    from hypermodel.backbones import get_backbone
+    from hypermodel.model import build_transfer_model
+    from hypermodel.space import TrialConfig
+    from tuning.retrain import Phases
+
+    # The searched rate of a linear head trained from a random start, halved as the
+    # profile's phase 2 does: fine-tuning from the exact head must not wreck its features.
+    data, config = digits_slice, TrialConfig(unfrozen_blocks=5, **{**LINEAR, "learning_rate": 3e-3})
+    settings = dataclasses.replace(resolve("smoke", PROFILES["smoke"], {}), phase2_lr_factor=0.5,
+                                   retrain_augmentation="flip_shift_erase", label_smoothing=0.0, ema_momentum=None)
+    phases = Phases(tmp_path, settings, config, {"trial_id": "0"}, None, None, 100, log=lambda _: None)
+    model = build_transfer_model(config, data.num_classes, "imagenet", 0)
+    histories = phases.run(model, data, PhaseLengths(1, 2, 2, "a test's cap", 2))
+    exact = histories["phase1"]["best_val_accuracy"]
+    phase2 = histories["phase2"]
+    # Both augmentations were tried from the exact head (a flip changes a digit: none kept).
+    assert [t["augmentation"] for t in phase2["tried"]] == ["none", "shift_erase"], phase2["tried"]
+    # At the searched rate the features are wrecked within an epoch (validation near chance).
+    for tried in phase2["tried"]:
+        assert max(tried["history"]["val_accuracy"]) >= exact - 0.1, (phase2["tried"], exact)
+    # The model keeps the better try (or phase 1), as its own predictions on validation say.
+    ds = make_dataset(data.x_val, None, 96, get_backbone(config.backbone).preprocess_input, 64)
+    accuracy = np.mean(model.predict(ds, verbose=0).argmax(1) == data.y_val)
+    best = max(t["best_val_score"] for t in phase2["tried"])
+    assert phase2["best_val_score"] == best
+    expected = best if phase2["kept"] else exact
+    assert accuracy == pytest.approx(expected, abs=1.5 / len(data.y_val))

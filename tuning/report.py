@@ -101,6 +101,12 @@ def search_section(run_dir, board, settings, best):
     return lines
 
 
+def _also_tried(phase):
+    """ " (validation chose it over …)" where phase 2 tried other augmentations."""
+    others = [t["augmentation"] for t in phase.get("tried", []) if t["augmentation"] != phase["augmentation"]]
+    return f" (validation chose it over {', '.join(others)})" if others else ""
+
+
 def retrain_section(run_dir, metrics):
     """The two phases (and the refit), the curves, the test evaluation and the TTA choice."""
     lines = ["## Retraining", ""]
@@ -113,8 +119,9 @@ def retrain_section(run_dir, metrics):
                          f"on validation, val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s")
         elif p:
             lines.append(f"- {phase}: {p['epochs']} epochs at lr {p['learning_rate']:.2e} [{p['mode']}], "
-                         f"augmentation {p.get('augmentation', 'as searched')}, "
-                         f"best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s"
+                         f"augmentation {p.get('augmentation', 'as searched')}"
+                         + _also_tried(p)
+                         + f", best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s"
                          + ("" if p.get("kept", True) else "; not kept: it did not beat phase 1 on validation"))
     refit = metrics.get("refit")
     if refit and "epochs" in refit:

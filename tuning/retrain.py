@@ -2,11 +2,13 @@
 
     Phase 1: backbone frozen, head trained at the chosen learning rate.
     Phase 2: the chosen top blocks unfrozen (BatchNorm frozen, inference mode),
-             a lower learning rate (the profile's `phase2_lr_factor`, 0.1 by default),
-             same schedule shape, optionally a stronger augmentation, label smoothing
-             and a moving average of the weights (`label_smoothing`, `ema_momentum`);
-             with a job deadline, as many epochs as fit before it (timed, not guessed).
-Both phases stop early on validation accuracy and restore their best weights. Flip
+             a lower learning rate (the profile's `phase2_lr_factor`, 0.1 by default;
+             gentler after an exact linear head), same schedule shape, optionally a
+             stronger augmentation (validated against the searched one on small data),
+             label smoothing and a moving average of the weights (`label_smoothing`,
+             `ema_momentum`); with a job deadline, as many epochs as fit before it
+             (timed, not guessed). Kept only where it beats phase 1 on validation.
+Both phases stop early on the run's objective and restore their best weights. Flip
 test-time augmentation is then kept if it helps on validation.
 """
 
@@ -50,6 +52,11 @@ def finish_reserve_s(test_images):
 PHASE_MIN_IMAGES = 20_000
 # Early stopping waits this many images without progress (at least the setting's epochs).
 PATIENCE_IMAGES = 2000
+# Fine-tuning from a linear head fitted exactly starts at the frozen features' optimum: at
+# the searched rate (a rate for training a head from a random start) the first steps wreck
+# the features the head was fitted to (8 px digits: validation accuracy 0.97 → 0.10 in three
+# epochs at 1e-3), so phase 2 moves them gently (linear probing, then fine-tuning).
+EXACT_HEAD_FINE_TUNING_LR = 1e-4
 
 
 class DivergedError(UserError):
@@ -181,39 +188,88 @@ class Phases:
             chosen: An earlier run's histories (a refit): its linear head's C and
                 whether it kept phase 2 are reused, not chosen again.
         """
-        histories = {}
-        for phase, epochs, lr in (
-            ("phase1", lengths.phase1, self.config.learning_rate),
-            ("phase2", lengths.phase2, self.config.learning_rate * self.settings.phase2_lr_factor),
-        ):
-            if phase == "phase2" and self.config.unfrozen_blocks == 0:
-                histories[phase] = {"skipped": "unfrozen_blocks = 0: nothing to unfreeze"}
-                continue
-            if phase == "phase2" and chosen and chosen["phase2"].get("kept") is False:
-                histories[phase] = {"skipped": "phase 2 did not beat phase 1 on validation"}
-                continue
-            config = self.config
-            if phase == "phase2" and self.settings.retrain_augmentation:
-                flips = flips or check_flips(model, config, data, self.settings.batch_size)
-                config = dataclasses.replace(config, augmentation=phase2_augmentation(
-                    self.settings.retrain_augmentation, flips, self.log))
-            set_unfrozen_blocks_trainable(model, phase == "phase2")
-            if phase == "phase1" and config.head == "linear":
-                inverse_l2 = (chosen["phase1"]["inverse_l2"],) if chosen else INVERSE_L2
-                histories[phase] = fit_linear_head(
-                    model, config, data, self.settings.batch_size, self.class_weight(data),
-                    self.monitor(data).removeprefix("val_"), inverse_l2, self.log)
-                self.phase1_seconds = histories[phase]["seconds"]
-                continue
-            before = model.get_weights() if phase == "phase2" and lengths.patience is not None else None
-            histories[phase] = self._fit(model, data, config, label + phase, epochs, lr, lengths)
-            self.phase1_seconds = histories["phase1"].get("seconds", 0.0)
-            if before is not None:
-                self._keep_better(model, before, histories, data)
+        set_unfrozen_blocks_trainable(model, False)
+        histories = {"phase1": self._phase1(model, data, lengths, label, chosen)}
+        self.phase1_seconds = histories["phase1"].get("seconds", 0.0)
+        skipped = self._phase2_skipped(chosen)
+        if skipped:
+            histories["phase2"] = {"skipped": skipped}
+        else:
+            if self.settings.retrain_augmentation:
+                flips = flips or check_flips(model, self.config, data, self.settings.batch_size)
+            histories["phase2"] = self._phase2(model, data, lengths, label, flips, chosen)
+            if lengths.patience is not None:
+                self._keep_better(model, histories, data)
         histories["flips"] = flips
         return histories
 
-    def _keep_better(self, model, phase1_weights, histories, data):
+    def _phase1(self, model, data, lengths, label, chosen):
+        """The head on the frozen backbone: a linear head fitted exactly, else trained."""
+        if self.config.head == "linear":
+            inverse_l2 = (chosen["phase1"]["inverse_l2"],) if chosen else INVERSE_L2
+            return fit_linear_head(model, self.config, data, self.settings.batch_size, self.class_weight(data),
+                                   self.monitor(data).removeprefix("val_"), inverse_l2, self.log)
+        return self._fit(model, data, self.config, label + "phase1", lengths.phase1, self.config.learning_rate,
+                         lengths)
+
+    def _phase2_skipped(self, chosen):
+        if self.config.unfrozen_blocks == 0:
+            return "unfrozen_blocks = 0: nothing to unfreeze"
+        if chosen and chosen["phase2"].get("kept") is False:
+            return "phase 2 did not beat phase 1 on validation"
+        return None
+
+    def phase2_learning_rate(self):
+        """`phase2_lr_factor` × the searched rate; at most `EXACT_HEAD_FINE_TUNING_LR`
+        after a linear head fitted exactly."""
+        rate = self.config.learning_rate * self.settings.phase2_lr_factor
+        return min(rate, EXACT_HEAD_FINE_TUNING_LR) if self.config.head == "linear" else rate
+
+    def phase2_augmentations(self, lengths, flips, chosen):
+        """The augmentations phase 2 tries, in order.
+
+        The profile's (without flips where they change the class), and, where phase 2 is
+        short (`lengths.phase2_cap`: a small dataset), first the searched one: there, a
+        strong augmentation may cost more than its regularisation gives, and validation
+        decides. A refit repeats the one validation chose.
+        """
+        if chosen:
+            return [chosen["phase2"]["augmentation"]]
+        if not self.settings.retrain_augmentation:
+            return [self.config.augmentation]
+        augmented = phase2_augmentation(self.settings.retrain_augmentation, flips, self.log)
+        if lengths.phase2_cap and augmented != self.config.augmentation:
+            return [self.config.augmentation, augmented]
+        return [augmented]
+
+    def _phase2(self, model, data, lengths, label, flips, chosen):
+        """The chosen top blocks fine-tuned, once per augmentation tried; keeps the best on validation."""
+        self.phase1_weights = model.get_weights()
+        set_unfrozen_blocks_trainable(model, True)
+        best, tried = None, []
+        for augmentation in self.phase2_augmentations(lengths, flips, chosen):
+            if best is not None:
+                left = self.phase2_seconds_left(data)
+                if left < best[0]["seconds"]:
+                    self.log(f"  phase2 with {augmentation}: not tried, {max(left, 0):.0f} s left and the "
+                             f"last try took {best[0]['seconds']:.0f} s")
+                    break
+                model.set_weights(self.phase1_weights)
+            config = dataclasses.replace(self.config, augmentation=augmentation)
+            record = self._fit(model, data, config, label + "phase2", lengths.phase2, self.phase2_learning_rate(),
+                               lengths)
+            tried.append({key: record[key] for key in ("augmentation", "best_val_score", "epochs", "seconds")}
+                         | {"history": {"val_accuracy": record["history"]["val_accuracy"]}})
+            if best is None or record["best_val_score"] > best[0]["best_val_score"]:
+                best = (record, model.get_weights())
+        record, weights = best
+        if len(tried) > 1:
+            model.set_weights(weights)
+            self.log(f"  phase2 keeps {record['augmentation']}: validation {record['objective']} "
+                     + ", ".join(f"{t['best_val_score']:.4f} with {t['augmentation']}" for t in tried))
+        return {**record, "tried": tried}
+
+    def _keep_better(self, model, histories, data):
         """Returns `model` to its phase-1 weights where phase 2 never beat them on validation
         by more than one image's worth (the two phases' scores are computed apart, and a
         near-tie image may round either way)."""
@@ -221,7 +277,7 @@ class Phases:
         phase1, phase2 = histories["phase1"]["best_val_score"], histories["phase2"]["best_val_score"]
         histories["phase2"]["kept"] = bool(phase2 > phase1 + one_image_worth(objective, data.y_val))
         if not histories["phase2"]["kept"]:
-            model.set_weights(phase1_weights)
+            model.set_weights(self.phase1_weights)
             self.log(f"  phase 2's best validation {objective} {phase2:.4f} does not beat phase 1's "
                      f"{phase1:.4f} by more than one image: the model keeps phase 1's weights")
 
@@ -288,11 +344,7 @@ class Phases:
     def _plan_to_deadline(self, model, data, config, lengths, regularisation):
         """Phase 2's epochs, patience, plan record and `FitToDeadline`, timed on this machine."""
         now = time.time()
-        left = self.deadline - self.reserve - now
-        if self.settings.refit_with_validation:
-            # The refit repeats the phases on the validation images too: keep its time.
-            grow = 1 + len(data.y_val) / len(data.y_train)
-            left = (left - grow * self.phase1_seconds) / (1 + grow)
+        left = self.phase2_seconds_left(data, now)
         finish_by = now + left  # may be past: phase 2 then gets its one epoch
         if lengths.phase2_cap:
             return self._capped_plan(lengths, finish_by, left)
@@ -305,6 +357,17 @@ class Phases:
         self.log(f"  phase2 plan, timed on this machine: {fitted.reasoning()} before the job's deadline "
                  f"(less {self.reserve} s for test and export{self._refit_note()})")
         return epochs, epochs, plan, FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=self.log)
+
+    def phase2_seconds_left(self, data, now=None):
+        """Seconds phase 2 may train from `now` (infinite without a deadline)."""
+        if self.deadline is None:
+            return math.inf
+        left = self.deadline - self.reserve - (now or time.time())
+        if self.settings.refit_with_validation:
+            # The refit repeats the phases on the validation images too: keep its time.
+            grow = 1 + len(data.y_val) / len(data.y_train)
+            left = (left - grow * self.phase1_seconds) / (1 + grow)
+        return left
 
     def _capped_plan(self, lengths, finish_by, left):
         """A phase 2 that needs at most `lengths.phase2_cap` epochs (a small dataset): timing
