@@ -11,7 +11,7 @@ whole official test split):
 - the Keras model with only the first depthwise layer's weights rounded to int8 (per
   channel, BatchNorm folded, as the converter does): test accuracy, and how far that
   moves the frozen prefix's output (RMS change / the features' standard deviation);
-- int8 after `tuning/int8_tuning.py` fine-tuned the top on the int8 prefix's features.
+- int8 after `deploy/int8_tuning.py` fine-tuned the top on the int8 prefix's features.
 Last line JSON.
 """
 
@@ -32,12 +32,12 @@ from benchmarks.machine import cpu_description  # noqa: E402
 from data_pipeline import load_dataset  # noqa: E402
 from data_pipeline.pipeline import prepare_images  # noqa: E402
 from data_pipeline.splits import training_data  # noqa: E402
+from deploy import export  # noqa: E402
+from deploy.int8_tuning import fit_top_to_int8_prefix  # noqa: E402
+from deploy.runtimes import LiteRtModel  # noqa: E402
 from hypermodel.backbones import get_backbone  # noqa: E402
 from hypermodel.model import PREFIX_NAME  # noqa: E402
-from tuning import export  # noqa: E402
-from tuning.int8_tuning import fit_top_to_int8_prefix  # noqa: E402
 from tuning.retrain import read_best  # noqa: E402
-from tuning.runtimes import LiteRtModel  # noqa: E402
 
 FIRST_DEPTHWISE = "expanded_conv_depthwise"  # MobileNetV2's first depthwise layer
 

@@ -36,6 +36,11 @@ def prepare_images(images, resolution, preprocess_input):
     return preprocess_input(x)
 
 
+def flip_images(images):
+    """Horizontal flip of an NHWC batch."""
+    return tf.reverse(images, axis=[2])
+
+
 def augment_images(images, augmentation):
     """Training-only augmentation at the stored size, before the (expensive) resize.
 
@@ -49,7 +54,7 @@ def augment_images(images, augmentation):
         return images
     batch = tf.shape(images)[0]
     if augmentation.startswith("flip"):
-        images = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.5, tf.reverse(images, axis=[2]), images)
+        images = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.5, flip_images(images), images)
     if "shift" not in augmentation:
         return images
     # Shift up to 1/14 of the side (2 px at 28) in each direction, black fill.

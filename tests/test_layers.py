@@ -1,4 +1,4 @@
-"""The layers depend one way: common ← data_pipeline ← hypermodel ← tuning (← tuning/cli.py).
+"""The layers depend one way: common ← data_pipeline ← hypermodel ← deploy ← tuning (← tuning/cli.py).
 
 Every import statement of every module is checked, including imports inside functions,
 relative imports and literal `importlib.import_module(...)` calls:
@@ -6,8 +6,10 @@ relative imports and literal `importlib.import_module(...)` calls:
 - common/ imports only common and third-party libraries;
 - data_pipeline/ imports common and itself;
 - hypermodel/ (models and training) imports common, data_pipeline and itself;
-- tuning/ (the job) imports anything below it and itself, but only tuning/cli.py (the
-  top) imports tuning.cli.
+- deploy/ (export, runtimes, predict) imports the three below it and itself, never the
+  search or the retrain: it takes a trained model and its configuration;
+- tuning/ (the search, the retrain and the CLI) imports anything below it and itself, but
+  only tuning/cli.py (the top) imports tuning.cli.
 
 And anything that compiles or fits a model lives in the models layer (hypermodel/): no
 module outside it calls `.compile(...)` or `.fit(...)` (`re.compile` aside).
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("common", "data_pipeline", "hypermodel", "tuning")
+ORDER = ("common", "data_pipeline", "hypermodel", "deploy", "tuning")
 MAY_IMPORT = {layer: set(ORDER[: i + 1]) for i, layer in enumerate(ORDER)}
 TOP = "tuning.cli"
 FITTING_METHODS = {"compile", "fit", "fit_generator", "train_on_batch"}
@@ -123,8 +125,8 @@ def test_imports_only_point_down_the_layers(layer):
 
 
 def test_nothing_outside_the_models_layer_compiles_or_fits_a_model():
-    # tuning/ first: the job (search, retrain, export) trains only through hypermodel.training.
-    for layers in (("tuning",), ("common", "data_pipeline")):
+    # The job (search, retrain, int8 top tuning) trains only through hypermodel.training.
+    for layers in (("tuning", "deploy"), ("common", "data_pipeline")):
         messages = [m for path in layer_files(*layers) for m in fitting_calls(path)]
         assert not messages, "\n".join(messages)
     assert not fitting_calls(ROOT / "search.py")
@@ -151,6 +153,8 @@ def test_the_checks_catch_what_they_are_meant_to(tmp_path):
     bad_common.write_text("import re\nfrom . import y\nfrom .. import data_pipeline\nPATTERN = re.compile('a')\n")
     bad_tuning = tmp_path / "tuning" / "jobs.py"
     bad_tuning.write_text("from tuning import cli\nfrom hypermodel import training\n")
+    bad_deploy = tmp_path / "deploy" / "export.py"
+    bad_deploy.write_text("from deploy import runtimes\nfrom tuning.retrain import read_best\n")
     ok_cli = tmp_path / "tuning" / "cli.py"
     ok_cli.write_text("from tuning import jobs\nfrom . import jobs as j\n")
 
@@ -161,6 +165,7 @@ def test_the_checks_catch_what_they_are_meant_to(tmp_path):
     assert [m.split(":")[1] for m in layer_violations(bad_common, tmp_path)] == ["3"]
     assert [m.split(":")[1] for m in layer_violations(bad_tuning, tmp_path)] == ["1"]
     assert "only tuning/cli.py" in layer_violations(bad_tuning, tmp_path)[0]
+    assert [m.split(":")[1] for m in layer_violations(bad_deploy, tmp_path)] == ["2"]
     assert layer_violations(ok_cli, tmp_path) == []
     assert [m.split(":")[1] for m in fitting_calls(bad_data, tmp_path)] == ["7", "8"]
     assert fitting_calls(bad_common, tmp_path) == []

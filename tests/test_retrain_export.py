@@ -13,8 +13,8 @@ from PIL import Image
 from cli import assert_user_error, run_cli
 from conftest import SMOKE_TEST_IMAGES
 from data_pipeline import load_dataset
+from deploy import runtimes
 from reference import load_model_keras, mobilenet_inputs
-from tuning import runtimes
 
 
 @pytest.fixture(scope="module")
@@ -435,7 +435,8 @@ def test_int8_calibrated_on_constant_images_is_marked_rejected(job, tmp_path):
     """A broken conversion is still written but marked rejected, with its drop."""
     import shutil
 
-    from tuning.export import export
+    from deploy.export import export
+    from tuning.retrain import read_best
     from tuning.run_dir import read_config
     from tuning.settings import Settings
 
@@ -450,7 +451,7 @@ def test_int8_calibrated_on_constant_images_is_marked_rejected(job, tmp_path):
     dataset = load_dataset()
     dataset = dataclasses.replace(dataset, x_test=dataset.x_test[:2000], y_test=dataset.y_test[:2000])
     constant = np.full((64, 28, 28), 255, dtype=np.uint8)
-    records = export(copy, settings, dataset, log=lambda _: None, calibration=constant)
+    records = export(copy, read_best(copy)[1], settings, dataset, log=lambda _: None, calibration=constant)
     record = records["tflite-int8"]
     # The file is written, scored by its runtime (run here) far below the float model,
     # and rejected for that drop.
@@ -467,8 +468,8 @@ def test_int8_calibrated_on_constant_images_is_marked_rejected(job, tmp_path):
 def test_int8_top_is_left_alone_when_the_feature_budget_holds_less_than_a_batch(job):
     from data_pipeline.splits import training_data
     from hypermodel.backbones import get_backbone
-    from tuning.export import converted, load_trained_model, prefix_function
-    from tuning.int8_tuning import fit_top_to_int8_prefix
+    from deploy.export import converted, load_trained_model, prefix_function
+    from deploy.int8_tuning import fit_top_to_int8_prefix
     from tuning.retrain import read_best
 
     run_dir, _ = job

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from data_pipeline import load_dataset
 from data_pipeline.feature_cache import FeatureCache
+from deploy.export import serving_function
 from hypermodel import model as model_module
 from hypermodel import training as training_module
 from hypermodel.backbones import get_backbone
@@ -24,7 +25,6 @@ from hypermodel.callbacks import FitToDeadline
 from hypermodel.space import SearchChoices, TrialConfig
 from reference import load_model_keras, mobilenet_inputs
 from tuning import retrain as retrain_module
-from tuning.export import serving_function
 from tuning.jobs import search_data
 from tuning.run_dir import prepare_run_dir
 from tuning.settings import Settings

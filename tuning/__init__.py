@@ -1,1 +1,1 @@
-"""Search, retrain, export and report: everything that runs on a run directory."""
+"""The job on a run directory: search, retrain and report, and the CLI that runs it (deploy/ exports)."""

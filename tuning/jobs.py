@@ -318,12 +318,13 @@ def _reopen(run_dir, overrides=None, source=None):
 
 
 def _check_run(run_dir):
-    """Refuses a foreign run dir or a bad best_hparams.json before any work."""
+    """Refuses a foreign run dir or a bad best_hparams.json before any work; returns the
+    best configuration."""
     from tuning.retrain import read_best
     from tuning.run_dir import read_config
 
     read_config(run_dir)
-    read_best(run_dir)
+    return read_best(run_dir)[1]
 
 
 def retrain(run_dir, overrides=None, deadline=None, source=None):
@@ -354,12 +355,12 @@ def export(run_dir, overrides=None, source=None):
     Args:
         overrides: {setting: value} given on the command line (formats, limits).
     """
-    from tuning.export import export as export_model
+    from deploy.export import export as export_model
 
-    _check_run(run_dir)
+    config = _check_run(run_dir)
     settings, dataset, _ = _reopen(run_dir, overrides, source)
     started = time.time()
-    export_model(run_dir, settings, dataset, log=log)
+    export_model(run_dir, config, settings, dataset, log=log)
     _record_stage(run_dir, "export", time.time() - started)
     return 0
 
@@ -376,7 +377,7 @@ def report(run_dir):
 
 def predict(model_dir, inputs, output=None, before_model=None):
     """`search.py predict`: inputs are validated before the model is loaded."""
-    from tuning.predict import predict as predict_images
+    from deploy.predict import predict as predict_images
 
     predict_images(model_dir, inputs, output, log=log, before_model=before_model)
     return 0

@@ -21,11 +21,10 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 import numpy as np
-import tensorflow as tf
 
 from common import atomic
 from common.errors import DataError, UsageError, UserError
-from data_pipeline.pipeline import make_dataset
+from data_pipeline.pipeline import flip_images, make_dataset
 from data_pipeline.splits import class_weights, objective_for, with_validation_merged
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import EpochProgress, FitToDeadline
@@ -489,11 +488,6 @@ def _plain_and_flipped(model, config, images, batch_size):
     backbone = get_backbone(config.backbone)
     ds = make_dataset(images, None, config.resolution, backbone.preprocess_input, batch_size)
     return model.predict(ds, verbose=0), model.predict(ds.map(flip_images), verbose=0)
-
-
-def flip_images(images):
-    """Horizontal flip of a preprocessed NHWC batch."""
-    return tf.reverse(images, axis=[2])
 
 
 def save_model(model, path):

@@ -6,7 +6,7 @@ Formats (`--formats`, default all):
     tflite-fp16  `export/model_fp16.tflite`, float16 weights (half the size);
     tflite-int8  `export/model_int8.tflite`, full-integer: weights and activations int8,
                  calibrated on training images (never test images), its trainable top
-                 fine-tuned on the int8 prefix's features (tuning/int8_tuning.py).
+                 fine-tuned on the int8 prefix's features (deploy/int8_tuning.py).
 Every artifact takes the user's raw pixels and does the backbone's preprocessing (and
 the flip test-time augmentation when the retrain kept it) inside. The SavedModel's
 `serving_default` takes, for array datasets, `images` uint8 [batch, 28, 28]; for
@@ -19,7 +19,7 @@ it takes `images` like the SavedModel, or for image files `pixels` uint8
 no image decoder); class names are in `labels.txt`.
 
 Each artifact is then scored on the whole test split through its own runtime
-(tuning/runtimes.py): accuracy, drop against the Keras model, size, sha256 and
+(deploy/runtimes.py): accuracy, drop against the Keras model, size, sha256 and
 single-image latency (p50/p95, 1 thread and all threads, each timed in a fresh
 process). One that drops more than `max_accuracy_drop` pp, or breaks
 `max_latency_ms` / `max_model_mb`, is still written but marked rejected with the
@@ -40,14 +40,13 @@ from common import atomic, native_output
 from common.errors import UsageError
 from common.paths import file_sha256
 from data_pipeline.images import decode_batch
-from data_pipeline.pipeline import prepare_images
+from data_pipeline.pipeline import flip_images, prepare_images
 from data_pipeline.splits import training_data
+from deploy import runtimes
+from deploy.int8_tuning import fit_top_to_int8_prefix
 from hypermodel.backbones import get_backbone
 from hypermodel.footprint import Footprint, Limits
 from hypermodel.model import PREFIX_NAME
-from tuning import runtimes
-from tuning.int8_tuning import fit_top_to_int8_prefix
-from tuning.retrain import flip_images, read_best
 
 TFLITE_FILES = {"tflite": "model.tflite", "tflite-fp16": "model_fp16.tflite", "tflite-int8": "model_int8.tflite"}
 EXPORTS_FILE = "exports.json"
@@ -193,10 +192,12 @@ def test_inputs(dataset, input_kind):
         yield raw, dataset.y_test[start:stop]
 
 
-def export(run_dir, settings, dataset, log=print, calibration=None):
+def export(run_dir, config, settings, dataset, log=print, calibration=None):
     """Writes `run_dir/export/` atomically: the chosen formats, each scored on the test split.
 
     Args:
+        run_dir: The run directory (reads model.keras and metrics.json, writes export/).
+        config: The retrained model's `TrialConfig` (best_hparams.json's).
         settings: The run's `Settings` (`formats`, `max_accuracy_drop`, `max_latency_ms`,
             `max_model_mb`, `storage_size`).
         dataset: The run's `Dataset`.
@@ -206,7 +207,6 @@ def export(run_dir, settings, dataset, log=print, calibration=None):
         {format: record} as in `export/exports.json`, also in metrics.json under "exports".
     """
     run_dir = Path(run_dir)
-    _, config = read_best(run_dir)
     model = load_trained_model(run_dir)
     preprocess_input = get_backbone(config.backbone).preprocess_input
     metrics_path = run_dir / "metrics.json"
@@ -257,7 +257,7 @@ def export(run_dir, settings, dataset, log=print, calibration=None):
 
 def int8_tuned_model(run_dir, config, preprocess_input, tta, storage_size, settings, dataset, calibration, log):
     """A fresh copy of the trained model with its top fine-tuned on the int8 prefix's
-    features (tuning/int8_tuning.py), and that tuning's record."""
+    features (deploy/int8_tuning.py), and that tuning's record."""
     model = load_trained_model(run_dir)
     prefix = converted(prefix_function(model, config.resolution, preprocess_input, tta, storage_size),
                        model, ["tflite-int8"], calibration)["tflite-int8"]

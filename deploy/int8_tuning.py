@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from hypermodel.training import fine_tune_top
-from tuning.runtimes import LiteRtModel
+from deploy.runtimes import LiteRtModel
 
 TUNING_IMAGES = 10_000
 TUNING_EPOCHS = 2

@@ -2,7 +2,7 @@
 by the models themselves; this is just a convenient client).
 
 `--model` is a SavedModel directory (`export/`) or a `.tflite` file; each runs on its
-own runtime (tuning/runtimes.py), and all print the same lines. Models exported from
+own runtime (deploy/runtimes.py), and all print the same lines. Models exported from
 image files take PNG/JPEG/BMP/GIF files, or folders of them (the SavedModel gets their
 bytes; a `.tflite` file gets them decoded and letterboxed as in training). Models
 exported from 28×28 arrays take `images`: image files are converted to grayscale
@@ -116,7 +116,7 @@ def predict(model_dir, paths, output=None, log=print, before_model=None):
     check_inputs(files)
     if before_model is not None:
         before_model()
-    from tuning import runtimes
+    from deploy import runtimes
 
     artifact = runtimes.load(model_dir)
     names, inputs = [], []

@@ -11,7 +11,7 @@ Inputs, by `input_kind`:
 Class names come with the artifact: the SavedModel returns them, a `.tflite` file has
 `labels.txt` beside it (the usual LiteRT convention).
 
-Run as `python -m tuning.runtimes --threads N --input X.npy ARTIFACT...` to time artifacts
+Run as `python -m deploy.runtimes --threads N --input X.npy ARTIFACT...` to time artifacts
 in a fresh process with N threads (TensorFlow fixes its thread pools at start-up): it
 loads them, prints "ready", and times them once a line arrives on its stdin.
 """
@@ -198,7 +198,7 @@ class LatencyProcess:
                 allow_pickle=isinstance(one_input, bytes))
         self._stderr = open(Path(folder) / f"stderr_{id(self)}.txt", "w+")  # a file: a full pipe would block it
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "tuning.runtimes", "--threads", str(threads), "--input", str(sample),
+            [sys.executable, "-m", "deploy.runtimes", "--threads", str(threads), "--input", str(sample),
              *map(str, paths)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), cwd=Path(__file__).resolve().parents[1],
