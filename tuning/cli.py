@@ -99,18 +99,18 @@ def _add_settings(parser, command):
         if setting.flag is None or command not in setting.commands:
             continue
         flags = [setting.flag] + (["--verbose"] if setting.flag == "-v" else [])
-        common = dict(dest=setting.name, help=setting.help)
+        described = dict(dest=setting.name, help=setting.help)
         if setting.parse == "count":
             # A subcommand's parser starts from an empty namespace: counts given before
             # the command get their own dest, added up in `parse`.
             dest = setting.name + BEFORE_COMMAND if command == JOB else setting.name
-            parser.add_argument(*flags, action="count", **{**common, "dest": dest})
+            parser.add_argument(*flags, action="count", **{**described, "dest": dest})
         elif setting.parse == "store_true":
-            parser.add_argument(*flags, action="store_true", **common)
+            parser.add_argument(*flags, action="store_true", **described)
         elif setting.parse == "switch":
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **described)
         else:
-            parser.add_argument(*flags, type=setting.parse, choices=setting.choices, **common)
+            parser.add_argument(*flags, type=setting.parse, choices=setting.choices, **described)
 
 
 def options_of(command):
