@@ -419,3 +419,38 @@ def test_fine_tuning_from_an_exact_head_keeps_its_features_and_validates_the_aug
     assert phase2["best_val_score"] == best
     expected = best if phase2["kept"] else exact
     assert accuracy == pytest.approx(expected, abs=1.5 / len(data.y_val))
+
+
+def test_an_exact_linear_head_replaces_a_weaker_searched_head_on_small_data(digits_slice, tmp_path):
+    from data_pipeline.pipeline import make_dataset
+    from hypermodel.backbones import get_backbone
+    from hypermodel.model import build_transfer_model
+    from hypermodel.space import TrialConfig
+    from tuning.retrain import Phases, challenge_with_linear_head, refit_with_validation
+
+    data = digits_slice
+    # A hidden-layer head trained for one epoch: well short of what the frozen features allow.
+    config = TrialConfig(unfrozen_blocks=2, **{**LINEAR, "head": "mlp"})
+    settings = resolve("smoke", PROFILES["smoke"], {})
+    settings = dataclasses.replace(settings, retrain_augmentation=None, label_smoothing=0.0, ema_momentum=None,
+                                   choices=dataclasses.replace(settings.choices, heads=("linear", "mlp")))
+    phases = Phases(tmp_path, settings, config, {"trial_id": "0"}, None, None, 100, log=lambda _: None)
+    model = build_transfer_model(config, data.num_classes, "imagenet", 0)
+    histories = phases.run(model, data, PhaseLengths(1, 1, None, None, 1))
+    kept, histories = challenge_with_linear_head(phases, model, data, histories)
+    assert histories["linear_head_challenge"]["replaced"], histories["linear_head_challenge"]
+    assert phases.config.head == "linear" and kept is not model
+    ds = make_dataset(data.x_val, None, 96, get_backbone(config.backbone).preprocess_input, 64)
+    accuracy = np.mean(kept.predict(ds, verbose=0).argmax(1) == data.y_val)
+    assert accuracy >= 0.85 and accuracy == pytest.approx(histories["phase1"]["best_val_accuracy"], abs=0.02)
+    # The refit repeats the exact fit, not the searched head's phase 2.
+    refitted, refit = refit_with_validation(phases, kept, data, histories)
+    import keras
+
+    assert refit["epochs"] == {"phase1": 1}
+    dense = [layer for layer in refitted.get_layer("trainable_top").layers if isinstance(layer, keras.layers.Dense)]
+    assert len(dense) == 1  # the linear head: no hidden layer
+    # Where the linear head was no candidate (a large dataset), the winner is not challenged.
+    phases.settings = dataclasses.replace(settings, choices=dataclasses.replace(settings.choices, heads=("mlp",)))
+    phases.config = config
+    assert challenge_with_linear_head(phases, model, data, histories)[0] is model

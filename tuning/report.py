@@ -123,6 +123,11 @@ def retrain_section(run_dir, metrics):
                          + _also_tried(p)
                          + f", best val_accuracy {p['best_val_accuracy']:.4f}, {p['seconds']:.0f} s"
                          + ("" if p.get("kept", True) else "; not kept: it did not beat phase 1 on validation"))
+    challenge = metrics.get("linear_head_challenge")
+    if challenge:
+        lines.append(f"- the exact linear head on the same backbone and size scored {challenge['val_score']:.4f} on "
+                     f"validation, the retrained winner {challenge['winner_val_score']:.4f}: "
+                     + ("it replaced the winner" if challenge["replaced"] else "the winner stayed"))
     refit = metrics.get("refit")
     if refit and "epochs" in refit:
         lines.append(f"- refit: the final model was trained again on {refit['images']} training and validation "

@@ -104,6 +104,8 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
     phases = Phases(run_dir, settings, config, best, feature_cache, deadline, len(dataset.y_test), log)
     model = build_transfer_model(config, data.num_classes, settings.weights, settings.seed)
     histories = phases.run(model, data, lengths)
+    model, histories = challenge_with_linear_head(phases, model, data, histories)
+    config = phases.config
     tta = choose_tta(model, config, data, settings.batch_size)
     log(f"  flip TTA: validation accuracy {tta['val_accuracy_plain']:.4f} plain, {tta['val_accuracy_flip']:.4f} "
         f"flip-averaged: {'used' if tta['used'] else 'not used'}")
@@ -126,6 +128,38 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         f"{len(dataset.y_test)} test images); balanced accuracy {metrics['test_balanced_accuracy']:.4f}, "
         f"macro-F1 {metrics['test_macro_f1']:.4f}")
     return metrics
+
+
+def challenge_with_linear_head(phases, model, data, histories):
+    """Where the search had the linear head as a candidate (small data) but chose another,
+    the exact linear head on the winner's backbone and size challenges the retrained winner
+    on validation, and replaces it on a tie or better: the winner was picked among many
+    trials on these same validation images, so its score flatters it, and the simpler
+    model is the safer bet. Its cost is one pass of the backbone over the images.
+
+    Returns:
+        (the model kept, its histories); `phases.config` becomes the challenger's where it wins.
+    """
+    config = phases.config
+    if config.head == "linear" or "linear" not in phases.settings.choices.heads:
+        return model, histories
+    challenger_config = dataclasses.replace(config, head="linear")
+    challenger = build_transfer_model(challenger_config, data.num_classes, phases.settings.weights,
+                                      phases.settings.seed)
+    record = fit_linear_head(challenger, challenger_config, data, phases.settings.batch_size,
+                             phases.class_weight(data), phases.monitor(data).removeprefix("val_"), log=phases.log)
+    kept = "phase2" if histories["phase2"].get("kept") else "phase1"
+    score, objective = histories[kept]["best_val_score"], record["objective"]
+    won = record["best_val_score"] >= score
+    phases.log(f"  the exact linear head scores {record['best_val_score']:.4f} validation {objective}, the retrained "
+               f"{config.head} head {score:.4f}: " + ("the linear head replaces it" if won else "the winner stays"))
+    challenge = {"val_score": record["best_val_score"], "winner_val_score": score, "replaced": won}
+    if not won:
+        return model, {**histories, "linear_head_challenge": challenge}
+    phases.config = challenger_config
+    return challenger, {"phase1": record, "phase2": {"skipped": "the exact linear head replaced the searched head"},
+                        "flips": histories["flips"], "linear_head_challenge": challenge,
+                        "replaced_phases": {p: histories[p] for p in ("phase1", "phase2")}}
 
 
 def refit_with_validation(phases, model, data, histories):
@@ -214,8 +248,8 @@ class Phases:
     def _phase2_skipped(self, chosen):
         if self.config.unfrozen_blocks == 0:
             return "unfrozen_blocks = 0: nothing to unfreeze"
-        if chosen and chosen["phase2"].get("kept") is False:
-            return "phase 2 did not beat phase 1 on validation"
+        if chosen and not chosen["phase2"].get("kept"):
+            return chosen["phase2"].get("skipped", "phase 2 did not beat phase 1 on validation")
         return None
 
     def phase2_learning_rate(self):
