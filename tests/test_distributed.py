@@ -166,7 +166,7 @@ def test_heartbeats_keep_trials_longer_than_the_worker_timeout(tmp_path, process
     assert code == 0, out[-3000:]
     assert len(board) == 2 and (board["status"] == "COMPLETED").all(), board[["status", "error"]]
     assert (board["retried"] == "").all() and "stopped reporting" not in out
-    assert (board["seconds"] > 3 * 5).all(), board["seconds"]  # each trial outlasted the timeout 3 times
+    assert (board["seconds"] > 2 * 5).all(), board["seconds"]  # each trial outlasted the timeout twice
 
 
 def test_without_heartbeats_trials_longer_than_the_worker_timeout_are_lost(tmp_path, processes):

@@ -59,10 +59,18 @@ def test_whole_smoke_job_is_sane(job):
     assert np.array(metrics["confusion_matrix"]).sum() == SMOKE_TEST_IMAGES
     best = json.loads((run_dir / "best_hparams.json").read_text())["hyperparameters"]
     assert best["unfrozen_blocks"] in (2, 5)
-    # Both phases really trained (a phase 2 {"skipped": ...} must not pass): each has a
-    # history with one finite loss per epoch, and TensorBoard logged the same epochs.
+    # The exact linear head challenged the searched head (4 000 retrain images: a linear
+    # head was a candidate), and the better on validation was kept.
+    challenge = metrics.get("linear_head_challenge")
+    if best["head"] == "linear":
+        assert challenge is None
+    else:
+        assert challenge["replaced"] == (metrics["hyperparameters"]["head"] == "linear"), challenge
+    # Both of the searched head's phases really trained (a phase 2 {"skipped": ...} must
+    # not pass): each has a history with one finite loss per epoch, and TensorBoard logged
+    # the same epochs.
     for phase in ("phase1", "phase2"):
-        record = metrics[phase]
+        record = metrics.get("replaced_phases", metrics)[phase]
         assert "skipped" not in record, record
         assert record["epochs"] >= 1
         history = record["history"]
