@@ -193,6 +193,9 @@ def dispatch(invocation):
 
         run_dir = existing_run_dir(options)
         read_config(run_dir)  # a directory that is no run is refused before TensorFlow loads
+    # With --profile given, bad input is refused before TensorFlow loads; without it, the
+    # default profile depends on the GPUs TensorFlow sees.
+    settings = resolve_settings(options) if command in (JOB, "search") and options.get("profile") else None
     quiet_import_tensorflow()
     jobs.silence_library_warnings()
     if command == "tensorboard":
@@ -202,7 +205,7 @@ def dispatch(invocation):
     if command in ("export", "retrain"):
         overrides = {k: v for k, v in options.items() if k != "run_dir"}
         return getattr(jobs, command)(run_dir, overrides)
-    settings = resolve_settings(options)
+    settings = settings or resolve_settings(options)
     run = jobs.search if command == "search" else jobs.whole_job
     return run(settings, explicit=tuple(options))
 

@@ -57,7 +57,7 @@ def trial_records(run_dir):
             train_s=record.get("train_seconds"),
             latency_ms=record.get("latency_ms"),
             model_mb=record.get("model_mb"),
-            error="" if completed else record.get("rejected") or _last_line(trial.get("message") or record.get("error", "")),
+            error="" if completed else record.get("rejected") or last_line(trial.get("message") or record.get("error", "")),
             fit_mode=record.get("fit_mode", ""),
             bracket=values.get("tuner/bracket"),
             round=values.get("tuner/round"),
@@ -115,6 +115,7 @@ def _read_json(path):
         return {}
 
 
-def _last_line(message):
+def last_line(message):
+    """A failure's last non-blank line (the exception, not its traceback)."""
     lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""

@@ -191,7 +191,7 @@ class TransferTuner(shims.DeclaredSpaceMixin, shims.NumpyCheckpointsMixin,
             "worker": self.worker,
             "seconds": round(seconds, 2),
             **fits,
-            "error": leaderboard._last_line(trial.message or ""),
+            "error": leaderboard.last_line(trial.message or ""),
         }
         # KerasTuner writes a trial's HParams session into <log_dir>/<trial_id>/execution0.
         write_trial_scalars(self.run_dir / "tensorboard" / trial.trial_id / "execution0", record)
