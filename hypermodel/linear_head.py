@@ -83,7 +83,8 @@ class LinearProbe:
         return kernel, bias
 
 
-def fit_linear_head(model, config, data, batch_size, class_weight, objective, inverse_l2=INVERSE_L2, log=print):
+def fit_linear_head(model, config, data, batch_size, class_weight, objective, inverse_l2=INVERSE_L2, log=print,
+                    memo=None):
     """Sets `model`'s linear head to the logistic regression of its pooled features.
 
     With several `inverse_l2` values, each is fitted on the training images and scored on
@@ -96,15 +97,22 @@ def fit_linear_head(model, config, data, batch_size, class_weight, objective, in
         class_weight: Keras' {class: weight}, or None.
         objective: What validation chooses by (hypermodel.space.OBJECTIVES).
         inverse_l2: The C values to try.
+        memo: Where extracted features are kept and reused (`remember_merged_features`), for
+            models whose backbone is the same fresh pretrained one; None extracts anew.
 
     Returns:
         The phase's record: its validation scores (as a one-epoch history), the chosen C
         and each C's score.
     """
     started = time.time()
-    train_features = pooled_features(model, config, data.x_train, batch_size)
-    val_features = pooled_features(model, config, data.x_val, batch_size)
-    extracted_s = time.time() - started
+    memo = {} if memo is None or not data.key else memo  # data without a key cannot be told apart
+    key = _memo_key(config, data)
+    reused = key in memo
+    if not reused:
+        memo[key] = (pooled_features(model, config, data.x_train, batch_size),
+                     pooled_features(model, config, data.x_val, batch_size))
+    train_features, val_features = memo[key]
+    extracted = "reused" if reused else f"{time.time() - started:.0f} s to extract"
     probe, grid, best = LinearProbe(data.num_classes, class_weight), [], None
     for c in inverse_l2:
         kernel, bias = probe.fit(train_features, data.y_train, c)
@@ -118,7 +126,7 @@ def fit_linear_head(model, config, data, batch_size, class_weight, objective, in
     history = {**_fit_quality(train_features @ kernel + bias, data.y_train),
                **_fit_quality(val_features @ kernel + bias, data.y_val, "val_"), f"val_{objective}": [score]}
     log(f"    linear head fitted exactly on {len(data.y_train)} images' pooled features "
-        f"({extracted_s:.0f} s to extract): C = {c} of {', '.join(map(str, inverse_l2))} by validation {objective}")
+        f"({extracted}): C = {c} of {', '.join(map(str, inverse_l2))} by validation {objective}")
     return {
         "history": history,
         "best_val_accuracy": history["val_accuracy"][0],
@@ -131,6 +139,18 @@ def fit_linear_head(model, config, data, batch_size, class_weight, objective, in
         "inverse_l2": c,
         "grid": grid,
     }
+
+
+def remember_merged_features(memo, config, data, merged):
+    """Keeps `merged`'s features (`with_validation_merged(data)`: training images, then
+    validation's) in `memo` where `data`'s are, so that a refit extracts none."""
+    if memo is not None and data.key and _memo_key(config, data) in memo:
+        train_features, val_features = memo[_memo_key(config, data)]
+        memo[_memo_key(config, merged)] = (np.concatenate([train_features, val_features]), val_features)
+
+
+def _memo_key(config, data):
+    return config.backbone, config.resolution, data.key
 
 
 def _fit_quality(logits, labels, prefix=""):

@@ -434,7 +434,8 @@ def test_an_exact_linear_head_replaces_a_weaker_searched_head_on_small_data(digi
     settings = resolve("smoke", PROFILES["smoke"], {})
     settings = dataclasses.replace(settings, retrain_augmentation=None, label_smoothing=0.0, ema_momentum=None,
                                    choices=dataclasses.replace(settings.choices, heads=("linear", "mlp")))
-    phases = Phases(tmp_path, settings, config, {"trial_id": "0"}, None, None, 100, log=lambda _: None)
+    lines = []
+    phases = Phases(tmp_path, settings, config, {"trial_id": "0"}, None, None, 100, log=lines.append)
     model = build_transfer_model(config, data.num_classes, "imagenet", 0)
     histories = phases.run(model, data, PhaseLengths(1, 1, None, None, 1))
     kept, histories = challenge_with_linear_head(phases, model, data, histories)
@@ -450,6 +451,18 @@ def test_an_exact_linear_head_replaces_a_weaker_searched_head_on_small_data(digi
     assert refit["epochs"] == {"phase1": 1}
     dense = [layer for layer in refitted.get_layer("trainable_top").layers if isinstance(layer, keras.layers.Dense)]
     assert len(dense) == 1  # the linear head: no hidden layer
+    # The refit reuses the features the challenge extracted, and fits the head a fresh
+    # extraction of the training and validation images would.
+    fits = [line for line in lines if "linear head fitted exactly" in line]
+    assert len(fits) == 2 and "s to extract" in fits[0] and "(reused)" in fits[1], fits
+    from data_pipeline.splits import with_validation_merged
+    from hypermodel.linear_head import fit_linear_head
+
+    fresh = build_transfer_model(phases.config, data.num_classes, "imagenet", 0)
+    fit_linear_head(fresh, phases.config, with_validation_merged(data), 64, None, "accuracy",
+                    (histories["phase1"]["inverse_l2"],), log=lambda _: None)
+    agree = np.mean(refitted.predict(ds, verbose=0).argmax(1) == fresh.predict(ds, verbose=0).argmax(1))
+    assert agree >= 0.99, agree
     # Where the linear head was no candidate (a large dataset), the winner is not challenged.
     phases.settings = dataclasses.replace(settings, choices=dataclasses.replace(settings.choices, heads=("mlp",)))
     phases.config = config

@@ -28,7 +28,7 @@ from data_pipeline.pipeline import flip_images, make_dataset
 from data_pipeline.splits import class_weights, objective_for, with_validation_merged
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import EpochProgress, FitToDeadline
-from hypermodel.linear_head import INVERSE_L2, fit_linear_head
+from hypermodel.linear_head import INVERSE_L2, fit_linear_head, remember_merged_features
 from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
 from hypermodel.space import config_from_values, monitored
 from hypermodel.training import epochs_that_fit, train
@@ -147,7 +147,8 @@ def challenge_with_linear_head(phases, model, data, histories):
     challenger = build_transfer_model(challenger_config, data.num_classes, phases.settings.weights,
                                       phases.settings.seed)
     record = fit_linear_head(challenger, challenger_config, data, phases.settings.batch_size,
-                             phases.class_weight(data), phases.monitor(data).removeprefix("val_"), log=phases.log)
+                             phases.class_weight(data), phases.monitor(data).removeprefix("val_"), log=phases.log,
+                             memo=phases.pooled_features)
     kept = "phase2" if histories["phase2"].get("kept") else "phase1"
     score, objective = histories[kept]["best_val_score"], record["objective"]
     won = record["best_val_score"] >= score
@@ -179,6 +180,7 @@ def refit_with_validation(phases, model, data, histories):
     epochs = {phase: histories[phase]["best_epoch"] for phase in ("phase1", "phase2")
               if "best_epoch" in histories[phase] and histories[phase].get("kept", True)}
     merged = with_validation_merged(data)
+    remember_merged_features(phases.pooled_features, phases.config, data, merged)
     phases.log(f"  refit on the {len(merged.y_train)} training and validation images: "
                + ", ".join(f"{phase} {n} epochs" for phase, n in epochs.items()) + " (as validation chose)")
     refitted = build_transfer_model(phases.config, data.num_classes, phases.settings.weights, phases.settings.seed)
@@ -206,6 +208,9 @@ class Phases:
         self.feature_cache, self.deadline, self.log = feature_cache, deadline, log
         self.reserve = finish_reserve_s(test_images)
         self.phase1_seconds = 0.0
+        # A linear head is fitted on a fresh pretrained backbone's pooled features: the same
+        # for the winner, its challenger and the refit, so each image is passed once.
+        self.pooled_features = {} if settings.weights == "imagenet" else None
 
     def run(self, model, data, lengths, label="", flips=None, chosen=None):
         """Trains `model` on `data` phase by phase; returns {phase: record, "flips": ...}.
@@ -241,7 +246,8 @@ class Phases:
         if self.config.head == "linear":
             inverse_l2 = (chosen["phase1"]["inverse_l2"],) if chosen else INVERSE_L2
             return fit_linear_head(model, self.config, data, self.settings.batch_size, self.class_weight(data),
-                                   self.monitor(data).removeprefix("val_"), inverse_l2, self.log)
+                                   self.monitor(data).removeprefix("val_"), inverse_l2, self.log,
+                                   self.pooled_features)
         return self._fit(model, data, self.config, label + "phase1", lengths.phase1, self.config.learning_rate,
                          lengths)
 
