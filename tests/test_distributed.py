@@ -131,14 +131,18 @@ def test_a_killed_chief_resumes_with_every_ended_trial_kept(tmp_path, processes)
     command = (*SEARCH, "--run-dir", run_dir, "--max-trials", "4", "--workers", "2")
     first = processes.start(*command)
 
+    def completed_trials():
+        return [t for t, trial in oracle_trials(run_dir).items() if trial["status"] == "COMPLETED"]
+
     def ended_and_in_flight():
-        ended = {p.stem for p in (run_dir / "trials").glob("*.json")}
+        # Ended as the oracle has saved it (the trial's own record is written just before).
         ongoing = json.loads((run_dir / "tuner" / "oracle.json").read_text())["ongoing_trials"]
-        return ended and set(ongoing.values()) - ended
+        ended = completed_trials()
+        return ended and set(ongoing.values()) - set(ended)
 
     assert wait_for(ended_and_in_flight, timeout=300, interval=0.2), "no trial ended while another ran"
     os.kill(first.pid, signal.SIGKILL)  # the chief alone: its workers are left behind
-    completed = [t for t, trial in oracle_trials(run_dir).items() if trial["status"] == "COMPLETED"]
+    completed = completed_trials()
     assert completed
     before = {t: (run_dir / "trials" / f"{t}.json").read_text() for t in completed}
     code, out = processes.finish(first)  # returns once the workers, which share its output, exited
