@@ -144,7 +144,7 @@ def fit_linear_head(model, config, data, batch_size, class_weight, objective, in
 def remember_merged_features(memo, config, data, merged):
     """Keeps `merged`'s features (`with_validation_merged(data)`: training images, then
     validation's) in `memo` where `data`'s are, so that a refit extracts none."""
-    if memo is not None and data.key and _memo_key(config, data) in memo:
+    if memo is not None and _memo_key(config, data) in memo:  # never there for data without a key
         train_features, val_features = memo[_memo_key(config, data)]
         memo[_memo_key(config, merged)] = (np.concatenate([train_features, val_features]), val_features)
 
