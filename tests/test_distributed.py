@@ -15,10 +15,10 @@ from cli import ROOT, free_port, start_cli, wait_for
 
 SEARCH = ("search", "--profile", "smoke", "--tuner", "random", "--train-subset", "300", "--val-subset", "100",
           "--resolutions", "32", "--unfrozen-blocks", "0,1", "--time-budget", "0")
-# Trials of 30 s or more on an idle 2-core AVX-512 machine (10 s with one round): a 96 px
-# MobileNetV2 fine-tuned end to end (no feature cache), four of the smoke profile's
-# 2 000-image rounds.
-LONG_TRIALS = ("search", "--profile", "smoke", "--tuner", "random", "--max-trials", "2", "--max-epochs", "4",
+# Trials of about 20 s on an idle 2-core AVX-512 machine (10 s with one round), several
+# times the 5 s worker timeout below: a 96 px MobileNetV2 fine-tuned end to end (no
+# feature cache), two of the smoke profile's 2 000-image rounds.
+LONG_TRIALS = ("search", "--profile", "smoke", "--tuner", "random", "--max-trials", "2", "--max-epochs", "2",
                "--train-subset", "600", "--val-subset", "100", "--resolutions", "96", "--unfrozen-blocks", "17",
                "--backbones", "mobilenet_v2_0.35", "--no-feature-cache", "--time-budget", "0")
 TEST_DEADLINE_S = 600  # every process a test starts is ended by then, well before pytest's --timeout

@@ -4,6 +4,8 @@ every malformed tree refused before any work."""
 import json
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cli import assert_user_error, run_cli
+from cli import ROOT, assert_user_error, run_cli
 from data_pipeline.folders import scan
 from image_folders import CLASSES, sample_photos, write_dataset
 
@@ -232,6 +234,25 @@ def test_a_malformed_image_is_refused_naming_it(good_tree, tmp_path, case):
     command = "search" if case in ("truncated JPEG", "decompression bomb") else "data"
     line = refused(good_tree, tmp_path, command)
     assert name in line and fault in line, line
+
+
+@pytest.mark.parametrize("command", ["search", "job"])
+def test_bad_data_is_refused_before_tensorflow_loads(good_tree, tmp_path, command):
+    """The search and the whole job check every file first: a bad one is refused within a
+    second, not after TensorFlow's start-up."""
+    (good_tree / "circle" / "empty.png").write_bytes(b"")
+    run_dir = tmp_path / "run"
+    argv = [*(["search"] if command == "search" else []), "--profile", "smoke", "--data", str(good_tree),
+            "--run-dir", str(run_dir)]
+    code = (
+        "import sys, search\n"
+        f"rc = search.main({argv!r})\n"
+        "assert 'tensorflow' not in sys.modules, 'the bad file was found after TensorFlow loaded'\n"
+        "sys.exit(rc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_user_error(result, "empty.png", "file is empty")
+    assert not run_dir.exists()
 
 
 def test_skip_bad_images_leaves_them_out_and_lists_them(good_tree, tmp_path):

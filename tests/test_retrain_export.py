@@ -25,7 +25,7 @@ def job(smoke_job):
 
 @pytest.fixture(scope="module")
 def smoke_data(smoke_job):
-    """The dataset the smoke job read: Fashion-MNIST with its first 2 000 test images."""
+    """The dataset the smoke job read: a slice of Fashion-MNIST (tests/conftest.py)."""
     return load_dataset(smoke_job.data)
 
 

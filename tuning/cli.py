@@ -193,9 +193,12 @@ def dispatch(invocation):
 
         run_dir = existing_run_dir(options)
         read_config(run_dir)  # a directory that is no run is refused before TensorFlow loads
-    # With --profile given, bad input is refused before TensorFlow loads; without it, the
-    # default profile depends on the GPUs TensorFlow sees.
-    settings = resolve_settings(options) if command in (JOB, "search") and options.get("profile") else None
+    # With --profile given, bad settings and bad data are refused before TensorFlow loads;
+    # without it, the default profile depends on the GPUs TensorFlow sees.
+    settings = source = None
+    if command in (JOB, "search") and options.get("profile"):
+        settings = resolve_settings(options)
+        source = jobs.load_source(settings)
     quiet_import_tensorflow()
     jobs.silence_library_warnings()
     if command == "tensorboard":
@@ -207,7 +210,7 @@ def dispatch(invocation):
         return getattr(jobs, command)(run_dir, overrides)
     settings = settings or resolve_settings(options)
     run = jobs.search if command == "search" else jobs.whole_job
-    return run(settings, explicit=tuple(options))
+    return run(settings, explicit=tuple(options), source=source)
 
 
 def existing_run_dir(options):

@@ -86,14 +86,18 @@ def _show_image_files(summary, settings):
 def load_source(settings):
     """The validated dataset: a `Dataset`, or `ImageFiles` checked but not decoded yet.
 
-    Bad input is refused here, before anything is written. Sets the run's precision.
+    Bad input is refused here, before anything is written. It needs no TensorFlow: the
+    command line calls it before TensorFlow loads.
     """
-    source = load_dataset(settings.data, skip_bad_images=settings.skip_bad_images)
+    return load_dataset(settings.data, skip_bad_images=settings.skip_bad_images)
+
+
+def use_precision(settings):
+    """Keras' global dtype policy for the run: mixed float16 where the settings ask."""
     if settings.mixed_precision:
         import keras
 
         keras.mixed_precision.set_global_policy("mixed_float16")
-    return source
 
 
 def decided(settings, source, explicit=(), log=log):
@@ -191,6 +195,7 @@ def search(settings, explicit=(), source=None):
     from tuning.tuner import configure_distributed, end_distributed, run_search
 
     source = source or load_source(settings)  # bad data is refused before anything else happens
+    use_precision(settings)
     settings, decisions = decided(settings, source, explicit)
     settings, dropped = with_available_backbones(settings, "backbones" in explicit)
     worker, workers = "local", None
@@ -307,6 +312,7 @@ def _reopen(run_dir, overrides=None, source=None):
     record = read_config(run_dir)
     settings = Settings.from_dict({**record["settings"], **(overrides or {})})
     source = source or load_source(settings)
+    use_precision(settings)
     if source.checksum != record["data"]["checksum"]:
         raise UsageError(f"the data at {settings.data or 'data/fashion-mnist'} changed since {run_dir} was searched")
     if overrides:
@@ -392,10 +398,14 @@ def tensorboard(run_dir, host, port):
     return 0
 
 
-def whole_job(settings, explicit=()):
-    """`search.py`: search → retrain → export → report into one run dir."""
+def whole_job(settings, explicit=(), source=None):
+    """`search.py`: search → retrain → export → report into one run dir.
+
+    Args:
+        source: The dataset already loaded and checked (`load_source`), else loaded here.
+    """
     started = time.time()
-    source = load_source(settings)  # checked once for the whole job (folders: every file)
+    source = source or load_source(settings)  # checked once for the whole job (folders: every file)
     search(settings, explicit, source)
     if settings.distributed == "worker":
         return 0  # the chief retrains and exports, once

@@ -16,14 +16,16 @@ CHIEF_CHECK_S = 1.0  # how often a worker checks that the chief that started it 
 def search_worker(run_dir, oracle, worker_id):
     """Trains the trials the chief at `oracle` hands out, with the run's settings from
     its config.json."""
-    from tuning.jobs import feature_cache, load_source, log, materialize, search_data
+    from tuning.jobs import feature_cache, load_source, log, materialize, search_data, use_precision
     from tuning.run_dir import read_config
     from tuning.settings import Settings
     from tuning.tuner import configure_distributed, run_search
 
     settings = Settings.from_dict(read_config(run_dir)["settings"])
     worker = configure_distributed("worker", oracle, worker_id)
-    data = search_data(materialize(load_source(settings), settings, run_dir), settings)
+    source = load_source(settings)
+    use_precision(settings)
+    data = search_data(materialize(source, settings, run_dir), settings)
     run_search(settings, data, run_dir, feature_cache=feature_cache(settings, run_dir), log=log, worker=worker)
     return 0
 
