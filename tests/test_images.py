@@ -236,23 +236,37 @@ def test_a_malformed_image_is_refused_naming_it(good_tree, tmp_path, case):
     assert name in line and fault in line, line
 
 
+def not_a_run(tree, run_dir):
+    """`run_dir` made a folder of someone's files, to be overwritten."""
+    (run_dir / "2024").mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("my notes")
+    return ["--overwrite"], (str(run_dir), "not a run of this tool")
+
+
+def empty_image(tree, run_dir):
+    (tree / "circle" / "empty.png").write_bytes(b"")
+    return [], ("empty.png", "file is empty")
+
+
+@pytest.mark.parametrize("fault", [empty_image, not_a_run])
 @pytest.mark.parametrize("command", ["search", "job"])
-def test_bad_data_is_refused_before_tensorflow_loads(good_tree, tmp_path, command):
-    """The search and the whole job check every file first: a bad one is refused within a
-    second, not after TensorFlow's start-up."""
-    (good_tree / "circle" / "empty.png").write_bytes(b"")
+def test_bad_input_is_refused_before_tensorflow_loads(good_tree, tmp_path, command, fault):
+    """The search and the whole job check every file and the run dir first: bad input is
+    refused within a second, not after TensorFlow's start-up, and nothing is written."""
     run_dir = tmp_path / "run"
+    flags, words = fault(good_tree, run_dir)
+    before = sorted(run_dir.rglob("*")) if run_dir.exists() else None
     argv = [*(["search"] if command == "search" else []), "--profile", "smoke", "--data", str(good_tree),
-            "--run-dir", str(run_dir)]
+            "--run-dir", str(run_dir), *flags]
     code = (
         "import sys, search\n"
         f"rc = search.main({argv!r})\n"
-        "assert 'tensorflow' not in sys.modules, 'the bad file was found after TensorFlow loaded'\n"
+        "assert 'tensorflow' not in sys.modules, 'the bad input was found after TensorFlow loaded'\n"
         "sys.exit(rc)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert_user_error(result, "empty.png", "file is empty")
-    assert not run_dir.exists()
+    assert_user_error(result, *words)
+    assert (sorted(run_dir.rglob("*")) if run_dir.exists() else None) == before
 
 
 def test_skip_bad_images_leaves_them_out_and_lists_them(good_tree, tmp_path):

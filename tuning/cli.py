@@ -193,12 +193,15 @@ def dispatch(invocation):
 
         run_dir = existing_run_dir(options)
         read_config(run_dir)  # a directory that is no run is refused before TensorFlow loads
-    # With --profile given, bad settings and bad data are refused before TensorFlow loads;
-    # without it, the default profile depends on the GPUs TensorFlow sees.
+    # With --profile given, bad settings, data and run dirs are refused before TensorFlow
+    # loads; without it, the default profile depends on the GPUs TensorFlow sees.
     settings = source = None
     if command in (JOB, "search") and options.get("profile"):
+        from tuning.run_dir import check_run_dir
+
         settings = resolve_settings(options)
         source = jobs.load_source(settings)
+        check_run_dir(settings)
     quiet_import_tensorflow()
     jobs.silence_library_warnings()
     if command == "tensorboard":

@@ -53,14 +53,9 @@ def prepare_run_dir(settings, dataset, dropped_backbones=None, decisions=()):
     Returns:
         The run directory as a `Path`.
     """
-    run_dir = Path(settings.run_dir)
-    overwrite = settings.overwrite
+    run_dir = check_run_dir(settings)
     config_path = run_dir / CONFIG_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is a file, not a directory")
-    if overwrite and run_dir.exists():
-        if not config_path.is_file() and any(run_dir.iterdir()):
-            raise UsageError(f"--run-dir {run_dir} is not a run of this tool: refusing to overwrite it")
+    if settings.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         previous = read_config(run_dir)
@@ -74,6 +69,23 @@ def prepare_run_dir(settings, dataset, dropped_backbones=None, decisions=()):
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     atomic.write_json(config_path, record)
+    return run_dir
+
+
+def check_run_dir(settings):
+    """Refuses a --run-dir a search cannot use, before any work (it needs no TensorFlow):
+    a file, or a folder of other files, whether to overwrite or to resume.
+
+    Returns:
+        The run directory as a `Path`.
+    """
+    run_dir = Path(settings.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file, not a directory")
+    if run_dir.exists() and not (run_dir / CONFIG_FILE).is_file() and any(run_dir.iterdir()):
+        if settings.overwrite:
+            raise UsageError(f"--run-dir {run_dir} is not a run of this tool: refusing to overwrite it")
+        read_config(run_dir)  # says what is missing
     return run_dir
 
 
