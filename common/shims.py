@@ -215,6 +215,9 @@ _require(kt.Tuner, "_get_checkpoint_fname")
 _require(kt.Tuner, "_build_hypermodel")
 
 
+CHECKPOINT_FILE = "checkpoint.weights.npz"  # in each trial's directory
+
+
 class NumpyCheckpointsMixin:
     """A Tuner mixin: trial checkpoints are .npz files of `model.get_weights()`.
 
@@ -225,7 +228,7 @@ class NumpyCheckpointsMixin:
     """
 
     def _get_checkpoint_fname(self, trial_id):
-        return os.path.join(self.get_trial_dir(trial_id), "checkpoint.weights.npz")
+        return os.path.join(self.get_trial_dir(trial_id), CHECKPOINT_FILE)
 
     def _build_hypermodel(self, hp):
         model = kt.Tuner._build_hypermodel(self, hp)  # not Hyperband's, which loads a .weights.h5

@@ -197,7 +197,7 @@ def export(run_dir, config, settings, dataset, log=print, calibration=None):
 
     Args:
         run_dir: The run directory (reads model.keras and metrics.json, writes export/).
-        config: The retrained model's `TrialConfig` (best_hparams.json's).
+        config: The retrained model's `TrialConfig` (metrics.json's hyperparameters).
         settings: The run's `Settings` (`formats`, `max_accuracy_drop`, `max_latency_ms`,
             `max_model_mb`, `storage_size`).
         dataset: The run's `Dataset`.

@@ -21,9 +21,10 @@ def mobilenet_inputs(images, resolution):
     return resized_rgb(images, resolution) / 127.5 - 1.0
 
 
-def trial_val_accuracies(run_dir):
+def trial_val_accuracies(run_dir, whole_validation=False):
     """trial_id → validation accuracy of each completed trial's saved best-epoch weights,
-    predicted here on the search's validation split (MobileNetV2 backbones).
+    predicted here on the search's validation split (MobileNetV2 backbones), or with
+    `whole_validation` on the retrain's (the whole split the search's is a slice of).
 
     The split is the run's own (config.json's settings); the model is built from the
     trial's hyperparameters and its checkpoint loaded, so the figure does not come from
@@ -39,7 +40,12 @@ def trial_val_accuracies(run_dir):
 
     settings = Settings.from_dict(read_config(run_dir)["settings"])
     dataset = load_dataset(settings.data) if settings.data else load_dataset()
-    data = search_data(dataset, settings)
+    if whole_validation:
+        from data_pipeline.splits import training_data
+
+        data = training_data(dataset, settings.validation_fraction, settings.seed, settings.retrain_subset)
+    else:
+        data = search_data(dataset, settings)
     accuracies, models = {}, {}
     for trial_dir in sorted((run_dir / "tuner").glob("trial_*")):
         trial = json.loads((trial_dir / "trial.json").read_text())

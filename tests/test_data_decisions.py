@@ -216,6 +216,9 @@ def test_the_smoke_job_on_8px_digits_reaches_its_accuracy_floor(tmp_path):
     assert used["train"] + used["validation"] == round(0.8 * 1797)
     assert f"the search trained on {used['train']} and validated on {used['validation']} images" in (
         run_dir / "report.md").read_text()
+    # The search validated on every validation image: its finalists have nothing new to be
+    # scored on.
+    assert metrics["finalists"] is None and "finalists scored again" not in result.stdout
     # Validation is a sixth of these images: the final model was refitted with it.
     assert metrics["refit"]["images"] == used["train"] + used["validation"]
     assert metrics["refit"]["epochs"]["phase1"] >= 1

@@ -14,7 +14,7 @@ from cli import assert_user_error, run_cli
 from conftest import SMOKE_TEST_IMAGES
 from data_pipeline import load_dataset
 from deploy import runtimes
-from reference import load_model_keras, mobilenet_inputs
+from reference import load_model_keras, mobilenet_inputs, trial_val_accuracies
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def epoch_scalars(log_dir, tag):
 def keras_probabilities(run_dir, images):
     """(plain, flip-averaged) probabilities of run/model.keras, preprocessed by this test."""
     model = load_model_keras(run_dir / "model.keras")
-    resolution = json.loads((run_dir / "best_hparams.json").read_text())["hyperparameters"]["resolution"]
+    resolution = json.loads((run_dir / "metrics.json").read_text())["hyperparameters"]["resolution"]
     plain = model.predict(mobilenet_inputs(images, resolution), verbose=0)
     mirrored = model.predict(mobilenet_inputs(images[:, :, ::-1], resolution), verbose=0)
     return plain, (plain + mirrored) / 2
@@ -57,12 +57,14 @@ def test_whole_smoke_job_is_sane(job):
     assert metrics["test_images"] == SMOKE_TEST_IMAGES
     assert set(metrics["per_class"]) == set(load_dataset().class_names)
     assert np.array(metrics["confusion_matrix"]).sum() == SMOKE_TEST_IMAGES
-    best = json.loads((run_dir / "best_hparams.json").read_text())["hyperparameters"]
-    assert best["unfrozen_blocks"] in (2, 5)
+    # The trial retrained: the search's best, or a finalist better on the whole validation split.
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
+    retrained = board.loc[metrics["trial_id"]]
+    assert retrained["unfrozen_blocks"] in (2, 5)
     # The exact linear head challenged the searched head (4 000 retrain images: a linear
     # head was a candidate), and the better on validation was kept.
     challenge = metrics.get("linear_head_challenge")
-    if best["head"] == "linear":
+    if retrained["head"] == "linear":
         assert challenge is None
     else:
         assert challenge["replaced"] == (metrics["hyperparameters"]["head"] == "linear"), challenge
@@ -89,6 +91,35 @@ def test_whole_smoke_job_is_sane(job):
         assert section in report
     assert "Flip test-time augmentation" in report
     assert (run_dir / "tensorboard" / "retrain" / "phase1").is_dir()
+
+
+def test_the_finalists_are_scored_again_on_the_whole_validation_split(job):
+    """The smoke search validates on a 500-image slice; the retrain on all 2 000 validation
+    images. Its finalists' checkpoints, evaluated here on those, decide what is retrained."""
+    run_dir, result = job
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    finalists = metrics["finalists"]
+    assert (finalists["search_validation_images"], finalists["validation_images"]) == (500, 2000)
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
+    scored = finalists["finalists"]
+    best = json.loads((run_dir / "best_hparams.json").read_text())
+    # The search's best first, then the next by the search's score, a handful at most.
+    assert scored[0]["trial_id"] == best["trial_id"] and 2 <= len(scored) <= 6
+    search_scores = [board.loc[f["trial_id"], "score"] for f in scored]
+    assert search_scores == sorted(search_scores, reverse=True)
+    evaluated, images = trial_val_accuracies(run_dir, whole_validation=True)
+    assert images == 2000
+    for finalist in scored:  # ±1.5 images: a near tie may round either way between kernels
+        assert abs(finalist["whole_validation_score"] - evaluated[finalist["trial_id"]]) <= 1.5 / images, finalist
+    # The one retrained (and exported) is the finalist best on the whole split.
+    top = max(evaluated[f["trial_id"]] for f in scored)
+    assert evaluated[finalists["chosen"]] >= top - 1.5 / images
+    assert metrics["trial_id"] == finalists["chosen"]
+    retrained = board.loc[finalists["chosen"]]
+    assert metrics["hyperparameters"]["backbone"] == retrained["backbone"]
+    assert metrics["hyperparameters"]["unfrozen_blocks"] == retrained["unfrozen_blocks"]
+    assert "finalists scored again on the whole validation split (2,000 images" in result.stdout
+    assert "finalists scored again on the whole validation split" in (run_dir / "report.md").read_text()
 
 
 def test_export_signature_is_raw_uint8_in_probabilities_out(job):

@@ -333,6 +333,16 @@ def _check_run(run_dir):
     return read_best(run_dir)[1]
 
 
+def retrained_config(run_dir, searched):
+    """The retrained model's configuration: metrics.json's, where the retrain replaced the
+    search's best (`searched`) by a finalist or the linear head."""
+    from hypermodel.space import config_from_values
+
+    path = Path(run_dir) / "metrics.json"
+    hyperparameters = json.loads(path.read_text()).get("hyperparameters") if path.is_file() else None
+    return config_from_values(hyperparameters) if hyperparameters else searched
+
+
 def retrain(run_dir, overrides=None, deadline=None, source=None):
     """`search.py retrain`: two-phase retrain of the best trial, then the test evaluation.
 
@@ -363,7 +373,7 @@ def export(run_dir, overrides=None, source=None):
     """
     from deploy.export import export as export_model
 
-    config = _check_run(run_dir)
+    config = retrained_config(run_dir, _check_run(run_dir))
     settings, dataset, _ = _reopen(run_dir, overrides, source)
     started = time.time()
     export_model(run_dir, config, settings, dataset, log=log)

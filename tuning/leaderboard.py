@@ -86,7 +86,11 @@ def best_trial(frame):
     done = frame[frame["status"] == "COMPLETED"].dropna(subset=["score"])
     if done.empty:
         return None
-    row = done.sort_values(["score", "trial_id"], ascending=[False, True]).iloc[0]
+    return trial_record(done.sort_values(["score", "trial_id"], ascending=[False, True]).iloc[0])
+
+
+def trial_record(row):
+    """A completed trial's leaderboard row as best_hparams.json records a trial."""
     from hypermodel.space import TrialConfig
 
     names = [f for f in TrialConfig.__dataclass_fields__]

@@ -110,6 +110,14 @@ def _also_tried(phase):
 def retrain_section(run_dir, metrics):
     """The two phases (and the refit), the curves, the test evaluation and the TTA choice."""
     lines = ["## Retraining", ""]
+    finalists = metrics.get("finalists")
+    if finalists:
+        lines.append(f"- the search's finalists scored again on the whole validation split "
+                     f"({finalists['validation_images']:,} images; the search validated on "
+                     f"{finalists['search_validation_images']:,}), {finalists['objective']}: "
+                     + ", ".join(f"trial {f['trial_id']} {f['search_score']:.4f} → {f['whole_validation_score']:.4f}"
+                                 for f in finalists["finalists"])
+                     + f"; trial {finalists['chosen']} was retrained")
     for phase in ("phase1", "phase2"):
         p = metrics.get(phase, {})
         if "skipped" in p:

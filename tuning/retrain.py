@@ -33,6 +33,7 @@ from hypermodel.model import build_transfer_model, set_unfrozen_blocks_trainable
 from hypermodel.space import config_from_values, monitored
 from hypermodel.training import epochs_that_fit, train
 from tuning import report
+from tuning.finalists import rescore_finalists
 
 # After phase 2: TTA check, test evaluation, the exports (converted, the int8 top tuned, each
 # scored on the test split and timed), report. Most of it scales with the test split: the
@@ -81,6 +82,9 @@ def read_best(run_dir):
 def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None, log=print):
     """Retrains the best configuration in two phases, evaluates on test, saves model.keras.
 
+    The best configuration is the search's, or where the search validated on a slice of
+    the validation split, the finalist that scores best on all of it (tuning/finalists.py).
+
     Args:
         run_dir: The run directory (reads best_hparams.json, writes model.keras, metrics.json).
         settings: The run's `Settings` (`epochs`: of each phase; default from the
@@ -94,7 +98,10 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
         The metrics dict written to metrics.json.
     """
     run_dir = Path(run_dir)
-    best, config = read_best(run_dir)
+    best, _ = read_best(run_dir)
+    objective = objective_for(settings.objective, data.y_train, data.num_classes)
+    best, finalists = rescore_finalists(run_dir, best, data, objective, settings.batch_size, log)
+    config = config_from_values(best["hyperparameters"])
     lengths = PhaseLengths.of(best, settings, len(data.y_train), deadline, head_only=config.unfrozen_blocks == 0)
     log(f"retraining trial {best['trial_id']} (val_accuracy {best['val_accuracy']:.4f}): "
         f"{config.backbone} {config.resolution}px, unfrozen_blocks={config.unfrozen_blocks}; "
@@ -117,7 +124,7 @@ def retrain(run_dir, settings, dataset, data, feature_cache=None, deadline=None,
     metrics = evaluate_test(model, config, dataset, settings.batch_size, tta=tta["used"])
     predicted = np.array(metrics.pop("predicted"))
     flips = histories.pop("flips")
-    metrics.update(histories, tta=tta, flips=flips, refit=refit, trial_id=best["trial_id"],
+    metrics.update(histories, tta=tta, flips=flips, refit=refit, finalists=finalists, trial_id=best["trial_id"],
                    hyperparameters=config.to_dict())
     atomic.write_json(run_dir / "metrics.json", metrics)
     report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), dataset.class_names, run_dir / "confusion_matrix.png")
