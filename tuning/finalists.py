@@ -66,7 +66,7 @@ def rescore_finalists(run_dir, best, data, objective, batch_size, log=print):
         return best, None
     candidates = finalists(pd.read_csv(board_path, dtype={"trial_id": str}), searched)
     candidates = candidates[candidates["trial_id"].map(lambda t: checkpoint_path(run_dir, t).is_file()).astype(bool)]
-    if len(candidates) < 2 or best["trial_id"] not in set(candidates["trial_id"]):
+    if len(candidates) < LEAST_FINALISTS or best["trial_id"] not in set(candidates["trial_id"]):
         return best, None
     scored = [
         {"trial_id": row.trial_id, "search_score": float(row.score),
@@ -76,15 +76,14 @@ def rescore_finalists(run_dir, best, data, objective, batch_size, log=print):
     chosen = max(scored, key=lambda s: s["whole_validation_score"])  # the first on ties: the search's order
     record = {"validation_images": int(len(data.y_val)), "search_validation_images": int(searched),
               "objective": objective, "finalists": scored, "chosen": chosen["trial_id"]}
+    replaced = chosen["trial_id"] != best["trial_id"]
     log(f"  finalists scored again on the whole validation split ({len(data.y_val):,} images; the search "
         f"validated on {searched:,}): " + ", ".join(
             f"trial {s['trial_id']} {s['search_score']:.4f} → {s['whole_validation_score']:.4f}" for s in scored)
-        + (f"; trial {chosen['trial_id']} is retrained" if chosen["trial_id"] != best["trial_id"]
-           else "; the search's best stays"))
-    if chosen["trial_id"] == best["trial_id"]:
+        + (f"; trial {chosen['trial_id']} is retrained" if replaced else "; the search's best stays"))
+    if not replaced:
         return best, record
-    row = candidates[candidates["trial_id"] == chosen["trial_id"]].iloc[0]
-    return leaderboard.trial_record(row), record
+    return leaderboard.trial_record(candidates[candidates["trial_id"] == chosen["trial_id"]].iloc[0]), record
 
 
 def checkpoint_score(run_dir, trial_id, data, objective, batch_size):
