@@ -33,6 +33,7 @@ TFLITE_BATCH = 64
 LATENCY_CALLS = 200
 LATENCY_WARMUP = 20
 READY = "ready"  # a latency process's line once loaded
+LATENCY_TIMEOUT_S = 300  # for all of a measurement's processes: loading and timing take seconds each
 
 
 class Artifact:
@@ -197,6 +198,7 @@ class LatencyProcess:
         np.save(sample, np.array([one_input], dtype=object if isinstance(one_input, bytes) else None),
                 allow_pickle=isinstance(one_input, bytes))
         self._stderr = open(Path(folder) / f"stderr_{id(self)}.txt", "w+")  # a file: a full pipe would block it
+        self._killed_because = None
         self._process = subprocess.Popen(
             [sys.executable, "-m", "deploy.runtimes", "--threads", str(threads), "--input", str(sample),
              *map(str, paths)],
@@ -222,35 +224,48 @@ class LatencyProcess:
             self._fail()
         return {path: tuple(value) for path, value in json.loads(out.strip().splitlines()[-1]).items()}
 
-    def stop(self):
+    def kill(self, why=None):
+        """Ends the process (from any thread); `why` goes into the measurement's error."""
+        self._killed_because = self._killed_because or why
         if self._process.poll() is None:
             self._process.kill()
-            self._process.wait()
+
+    def stop(self):
+        self.kill()
+        self._process.wait()
         self._stderr.close()
 
     def _fail(self):
-        self._process.kill()
+        self.kill()
         self._process.wait()
         self._stderr.seek(0)
-        raise RuntimeError(f"latency measurement failed:\n{self._stderr.read()[-3000:]}")
+        why = self._killed_because or f"exit {self._process.returncode}"
+        raise RuntimeError(f"latency measurement failed ({why}):\n"
+                           f"{self._stderr.read()[-3000:]}")
 
 
-def time_in_fresh_processes(jobs):
+def time_in_fresh_processes(jobs, timeout_s=LATENCY_TIMEOUT_S):
     """[{path: (p50, p95)}] for each (paths, one_input, threads) job, each timed by its own
     fresh process.
 
     The processes start together, so their start-ups (importing TensorFlow, loading the
     artifacts: seconds each) overlap; then they time one at a time, the others idle.
+    Processes still running after `timeout_s` are killed, and the measurement fails.
     """
     import tempfile
+    import threading
 
     with tempfile.TemporaryDirectory() as folder:
         processes = [LatencyProcess(*job, folder) for job in jobs]
+        watchdog = threading.Timer(timeout_s, lambda: [process.kill(f"still running after {timeout_s} s")
+                                                       for process in processes])
+        watchdog.start()
         try:
             for process in processes:
                 process.wait_until_ready()
             return [process.time() for process in processes]
         finally:
+            watchdog.cancel()
             for process in processes:
                 process.stop()
 

@@ -19,13 +19,42 @@ def user_environment():
     return environment
 
 
+class StillRunning(AssertionError):
+    """The CLI ran past its test's timeout."""
+
+
 def run_cli(*args, timeout=600, cwd=ROOT, env=None):
-    """Returns the CompletedProcess of `python search.py ARGS` (text mode)."""
+    """Returns the CompletedProcess of `python search.py ARGS` (text mode).
+
+    Past `timeout` seconds the test fails with the CLI's last output and every thread's
+    stack (Python's faulthandler, on SIGABRT), and its whole process group is killed.
+    """
     environment = {**user_environment(), **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "search.py"), *map(str, args)],
-        cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
-    )
+    command = [sys.executable, "-X", "faulthandler", str(ROOT / "search.py"), *map(str, args)]
+    process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to stderr
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill_group(process)
+            stdout, stderr = process.communicate()
+        kill_group(process)
+        stacks = stderr[stderr.rfind("Fatal Python error"):].split("\nExtension modules:")[0]
+        raise StillRunning(f"{' '.join(command[3:])} ran past {timeout} s; its output ended:\n"
+                           f"{stdout[-3000:]}\nand its stacks:\n{stacks[-8000:]}") from None
+    kill_group(process)  # anything it started and left behind
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def kill_group(process):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def start_cli(*args):

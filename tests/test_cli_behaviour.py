@@ -6,12 +6,11 @@ the fault, no traceback, and nothing written into the run dir.
 
 import json
 import shutil
-import subprocess
 
 import pandas as pd
 import pytest
 
-from cli import assert_user_error, free_port, run_cli
+from cli import StillRunning, assert_user_error, free_port, run_cli
 from reference import assert_recorded_accuracies_are_the_checkpoints
 
 # A search small enough to cost seconds: 300 training / 100 validation images at 48 px.
@@ -93,16 +92,6 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert snapshot(folder) == before
 
 
-def run_or_fail(*args, timeout=120):
-    """run_as_user, but a process that hangs (e.g. a worker waiting for an oracle that is
-    not there, instead of refusing its flags) fails the test instead of stalling the suite."""
-    try:
-        return run_cli(*args, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
-        pytest.fail(f"still running after {timeout} s instead of refusing its flags: {output[-1000:]}")
-
-
 @pytest.mark.parametrize("flags, named", [
     (("--distributed", "worker"), "--worker-id"),
     (("--distributed", "worker", "--worker-id", "chief-2"), "--worker-id"),
@@ -111,7 +100,7 @@ def run_or_fail(*args, timeout=120):
 ])
 def test_bad_distributed_flags_exit_2_before_any_work(tmp_path, flags, named):
     run_dir = tmp_path / "run"
-    result = run_or_fail("search", *SMALL, "--run-dir", run_dir, *flags)
+    result = run_cli("search", *SMALL, "--run-dir", run_dir, *flags, timeout=120)  # a hang fails
     assert_user_error(result, named)
     assert not run_dir.exists()
 
@@ -125,7 +114,7 @@ def test_a_worker_refuses_overwrite_and_leaves_the_shared_run_dir_alone(finished
         result = run_cli("search", *SMALL, "--tuner", "bayesian", "--max-trials", "2", "--run-dir", shared,
                              "--distributed", "worker", "--worker-id", "w1", "--oracle", f"127.0.0.1:{free_port()}",
                              "--overwrite", timeout=60)
-    except subprocess.TimeoutExpired:
+    except StillRunning:
         result = None
     after = snapshot(shared) if shared.is_dir() else {}
     assert after == before, f"the worker changed the shared run dir: {sorted(set(before) ^ set(after))[:10]}"

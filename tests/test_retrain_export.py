@@ -405,6 +405,14 @@ def test_a_latency_process_that_cannot_load_its_artifact_fails_the_measurement_w
     assert "not_a_model.tflite" in str(failure.value) and "not a valid .tflite model" in str(failure.value)
 
 
+def test_a_latency_process_that_does_not_answer_in_time_is_killed_and_fails_the_measurement(tmp_path):
+    # Not a .tflite: the process imports TensorFlow first (seconds), so it cannot be ready in
+    # 1 s; left alone, it would fail later on the missing model, with another error.
+    slow = ([str(tmp_path / "saved_model")], np.zeros((28, 28), np.uint8), 1)
+    with pytest.raises(RuntimeError, match="still running after 1 s"):
+        runtimes.time_in_fresh_processes([slow], timeout_s=1)
+
+
 def test_every_format_is_exported_and_scored_by_its_own_runtime(job, smoke_data):
     import hashlib
 
