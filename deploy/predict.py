@@ -106,19 +106,22 @@ def model_batches(files, input_kind):
             yield [f"{path}[{i}]" for i in range(len(images))], images
 
 
-def predict(model_dir, paths, output=None, log=print, before_model=None):
+def predict(model_dir, paths, output=None, log=print, before_tensorflow=lambda: None):
     """Prints (and optionally writes) input, class name and confidence for every image.
 
     Args:
-        before_model: Called after the inputs are checked, before TensorFlow loads.
+        before_tensorflow: Called after the inputs are checked, before TensorFlow loads;
+            a `.tflite` file given arrays needs no TensorFlow (LiteRT runs it).
     """
     files = expand_inputs(paths)
     check_inputs(files)
-    if before_model is not None:
-        before_model()
     from deploy import runtimes
 
+    if not runtimes.is_tflite(model_dir):
+        before_tensorflow()
     artifact = runtimes.load(model_dir)
+    if artifact.input_kind == "pixels":
+        before_tensorflow()  # image files are decoded and letterboxed by TensorFlow
     names, inputs = [], []
     for batch_names, batch in model_batches(files, artifact.input_kind):
         names += batch_names

@@ -50,6 +50,21 @@ def run_cli(*args, timeout=600, cwd=ROOT, env=None):
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def run_main_without_tensorflow(*args, timeout=120):
+    """`search.main(ARGS)` in a fresh process that fails (exit 1) if it imported TensorFlow.
+    Returns the CompletedProcess (text mode)."""
+    argv = [str(arg) for arg in args]
+    code = (
+        "import sys, search\n"
+        f"rc = search.main({argv!r})\n"
+        "if 'tensorflow' in sys.modules:\n"
+        "    sys.exit('TensorFlow was imported')\n"
+        "sys.exit(rc)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=user_environment(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def kill_group(process):
     try:
         os.killpg(process.pid, signal.SIGKILL)

@@ -159,22 +159,47 @@ def test_a_killed_chief_resumes_with_every_ended_trial_kept(tmp_path, processes)
 
 def long_trial_search(processes, run_dir, *flags):
     """`--workers 2` on trials that each take several times `--worker-timeout 5s`."""
-    search = processes.start(*LONG_TRIALS, "--run-dir", run_dir, "--workers", "2", "--worker-timeout", "5s", *flags)
+    return processes.start(*LONG_TRIALS, "--run-dir", run_dir, "--workers", "2", "--worker-timeout", "5s", *flags)
+
+
+def finished_board(processes, search, run_dir):
     code, out = processes.finish(search)
     board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
-    return code, out, board
+    return code, out, board.set_index("trial_id")
 
 
-def test_heartbeats_keep_trials_longer_than_the_worker_timeout(tmp_path, processes):
-    code, out, board = long_trial_search(processes, tmp_path / "run")
+def test_heartbeats_keep_long_trials_and_a_killed_local_workers_trial_runs_again_at_once(tmp_path, processes):
+    """Trials several times --worker-timeout long are kept alive by their heartbeats; a local
+    worker killed mid-trial (say, by the kernel's OOM killer) is known dead to the chief that
+    started it, so its trial reruns on the other worker at once, not after the timeout's
+    silence (that would read "stopped reporting")."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    search = long_trial_search(processes, run_dir)
+    oracle_file = run_dir / "tuner" / "oracle.json"
+
+    def local_1_trial():
+        return oracle_file.exists() and json.loads(oracle_file.read_text())["ongoing_trials"].get("local-1")
+
+    assert wait_for(local_1_trial, timeout=300, interval=0.2), "local-1 never started a trial"
+    killed_trial = local_1_trial()
+    worker = next(p for p in psutil.Process(search.pid).children(recursive=True)
+                  if "tuning.search_worker" in " ".join(p.cmdline()) and "local-1" in p.cmdline())
+    worker.kill()
+    code, out, board = finished_board(processes, search, run_dir)
     assert code == 0, out[-3000:]
-    assert len(board) == 2 and (board["status"] == "COMPLETED").all(), board[["status", "error"]]
-    assert (board["retried"] == "").all() and "stopped reporting" not in out
+    assert f"trial {killed_trial}: worker local-1 was killed (SIGKILL); it runs again" in out, out[-3000:]
+    assert len(board) == 2 and (board["status"] == "COMPLETED").all(), board[["status", "worker", "error"]]
+    assert board.loc[killed_trial, "worker"] == "local-2"
+    assert board.loc[killed_trial, "retried"].startswith("worker local-1 was killed")
+    assert (board.drop(index=killed_trial)["retried"] == "").all() and "stopped reporting" not in out
     assert (board["seconds"] > 2 * 5).all(), board["seconds"]  # each trial outlasted the timeout twice
 
 
 def test_without_heartbeats_trials_longer_than_the_worker_timeout_are_lost(tmp_path, processes):
-    code, out, board = long_trial_search(processes, tmp_path / "run", "--heartbeat", "0")
+    run_dir = tmp_path / "run"
+    code, out, board = finished_board(processes, long_trial_search(processes, run_dir, "--heartbeat", "0"), run_dir)
     assert len(board) == 2, board[["status", "error"]]
     # Every trial's first run is taken for lost and runs again. Whether the rerun is lost
     # too, or a late result of either run ends the trial first (the first result wins),
@@ -237,34 +262,6 @@ def test_local_workers_share_one_search_and_the_job_goes_on_alone(tmp_path, proc
     assert "Best val_accuracy So Far" not in out  # KerasTuner's own display stays quiet on workers
     # No process (chief or worker) prints TensorFlow's native start-up lines.
     assert not TENSORFLOW_NATIVE_LINES.search(out), TENSORFLOW_NATIVE_LINES.search(out).group(0)
-
-
-def test_a_killed_local_workers_trial_runs_again_at_once(tmp_path, processes):
-    """A local worker killed mid-trial (say, by the kernel's OOM killer) is known dead to
-    the chief that started it: its trial reruns on the other worker without waiting for
-    --worker-timeout's silence."""
-    import psutil
-
-    run_dir = tmp_path / "run"
-    search = processes.start(*LONG_TRIALS, "--run-dir", run_dir, "--workers", "2", "--worker-timeout", "30m")
-    oracle_file = run_dir / "tuner" / "oracle.json"
-
-    def local_1_trial():
-        return oracle_file.exists() and json.loads(oracle_file.read_text())["ongoing_trials"].get("local-1")
-
-    assert wait_for(local_1_trial, timeout=300, interval=0.2), "local-1 never started a trial"
-    killed_trial = local_1_trial()
-    worker = next(p for p in psutil.Process(search.pid).children(recursive=True)
-                  if "tuning.search_worker" in " ".join(p.cmdline()) and "local-1" in p.cmdline())
-    worker.kill()
-    code, out = processes.finish(search)
-    assert code == 0, out[-3000:]
-    assert f"trial {killed_trial}: worker local-1 was killed (SIGKILL); it runs again" in out, out[-3000:]
-    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
-    board = board.set_index("trial_id")
-    assert len(board) == 2 and (board["status"] == "COMPLETED").all(), board[["status", "worker", "error"]]
-    assert board.loc[killed_trial, "worker"] == "local-2"
-    assert board.loc[killed_trial, "retried"].startswith("worker local-1 was killed")
 
 
 def test_local_workers_do_not_go_with_a_distributed_role(tmp_path):

@@ -187,7 +187,7 @@ def dispatch(invocation):
         return jobs.show_data(options.get("data"), options.get("skip_bad_images", False), image_settings)
     if command == "predict":
         return jobs.predict(options["model"], options["inputs"], options.get("output"),
-                            before_model=quiet_import_tensorflow)
+                            before_tensorflow=quiet_import_tensorflow)
     if command in ("tensorboard", "report", "export", "retrain"):
         from tuning.run_dir import read_config
 

@@ -391,11 +391,11 @@ def report(run_dir):
     return 0
 
 
-def predict(model_dir, inputs, output=None, before_model=None):
+def predict(model_dir, inputs, output=None, before_tensorflow=lambda: None):
     """`search.py predict`: inputs are validated before the model is loaded."""
     from deploy.predict import predict as predict_images
 
-    predict_images(model_dir, inputs, output, log=log, before_model=before_model)
+    predict_images(model_dir, inputs, output, log=log, before_tensorflow=before_tensorflow)
     return 0
 
 
