@@ -326,7 +326,7 @@ LINEAR = dict(backbone="mobilenet_v2_0.35", resolution=96, pooling="avg", dense_
 def test_the_linear_head_is_the_logistic_regression_of_the_pooled_features(digits_slice):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import FunctionTransformer
 
     from data_pipeline.pipeline import make_dataset
     from hypermodel.backbones import get_backbone
@@ -339,17 +339,25 @@ def test_the_linear_head_is_the_logistic_regression_of_the_pooled_features(digit
     record = fit_linear_head(model, config, data, 64, None, "accuracy", log=lambda _: None)
     assert record["best_val_accuracy"] >= 0.85, record  # 8 px digits at 96 px, frozen ImageNet features
     assert record["inverse_l2"] in [row["C"] for row in record["grid"]] and len(record["grid"]) == 4
-    # The Keras model predicts as scikit-learn's own pipeline at the chosen C.
+    # The Keras model predicts as scikit-learn's logistic regression at the chosen C, of the
+    # features each divided by its spread, but by no less than the median feature's spread.
     features = pooled_features(model, config, data.x_train, 64)
-    reference = make_pipeline(StandardScaler(), LogisticRegression(C=record["inverse_l2"], max_iter=2000))
+    spread = features.std(axis=0)
+    scale = FunctionTransformer(lambda f: (f - features.mean(axis=0)) / np.maximum(spread, np.median(spread)))
+    reference = make_pipeline(scale, LogisticRegression(C=record["inverse_l2"], max_iter=2000))
     reference.fit(features, data.y_train)
-    expected = reference.predict(pooled_features(model, config, data.x_val, 64))
+    val_features = pooled_features(model, config, data.x_val, 64)
+    expected = reference.predict(val_features)
     ds = make_dataset(data.x_val, None, 96, get_backbone(config.backbone).preprocess_input, 64)
     predicted = model.predict(ds, verbose=0).argmax(1)
-    # The same regression, up to the spread floor that keeps near-constant features' weights small.
-    assert np.mean(predicted == expected) >= 0.95
-    kernel = model.get_layer("trainable_top").layers[-1].get_weights()[0]
-    assert np.abs(kernel).max() <= 100 * np.percentile(np.abs(kernel), 90), "weights int8 cannot represent together"
+    assert np.mean(predicted == expected) >= 0.98
+    # Its weights survive the int8 export: rounded per class to 255 levels of the largest
+    # (how the converter stores a Dense layer), they give the same class almost everywhere.
+    kernel, bias = model.get_layer("trainable_top").layers[-1].get_weights()
+    step = np.abs(kernel).max(axis=0) / 127
+    rounded = np.round(kernel / step) * step
+    agreement = np.mean(np.argmax(val_features @ rounded + bias, axis=1) == np.argmax(val_features @ kernel + bias, axis=1))
+    assert agreement >= 0.98, agreement
     assert np.mean(predicted == data.y_val) == pytest.approx(record["best_val_accuracy"], abs=0.02)
 
 
