@@ -44,11 +44,9 @@ def main(argv=None):
 
     import pandas as pd
 
-    from common import atomic
     from data_pipeline import load_dataset
     from data_pipeline.splits import training_data
-    from hypermodel.model import build_transfer_model
-    from hypermodel.space import config_from_values
+    from tuning.finalists import checkpoint_model
     from tuning.jobs import search_data
     from tuning.run_dir import read_config
     from tuning.settings import Settings
@@ -60,10 +58,7 @@ def main(argv=None):
     board = pd.read_csv(args.run_dir / "leaderboard.csv", dtype={"trial_id": str})
     board = board[board["status"] == "COMPLETED"].sort_values("val_accuracy", ascending=False).head(args.top)
     for row in board.itertuples():
-        trial_dir = args.run_dir / "tuner" / f"trial_{row.trial_id}"
-        config = config_from_values(json.loads((trial_dir / "trial.json").read_text())["hyperparameters"]["values"])
-        model = build_transfer_model(config, dataset.num_classes, weights="none")
-        model.set_weights(atomic.read_arrays(trial_dir / "checkpoint.weights.npz"))
+        config, model = checkpoint_model(args.run_dir, row.trial_id, dataset.num_classes)
         print(json.dumps({
             "trial": row.trial_id, "backbone": config.backbone, "resolution": config.resolution,
             "unfrozen_blocks": config.unfrozen_blocks, "epochs": int(row.epochs),

@@ -86,12 +86,18 @@ def rescore_finalists(run_dir, best, data, objective, batch_size, log=print):
     return leaderboard.trial_record(candidates[candidates["trial_id"] == chosen["trial_id"]].iloc[0]), record
 
 
-def checkpoint_score(run_dir, trial_id, data, objective, batch_size):
-    """`objective` on `data`'s validation split of a trial's saved best-epoch weights."""
+def checkpoint_model(run_dir, trial_id, num_classes):
+    """(config, model) of a trial, with its saved best-epoch weights."""
     path = checkpoint_path(run_dir, trial_id)
     config = config_from_values(json.loads((path.parent / "trial.json").read_text())["hyperparameters"]["values"])
-    model = build_transfer_model(config, data.num_classes, weights="none")
+    model = build_transfer_model(config, num_classes, weights="none")
     model.set_weights(atomic.read_arrays(path))
+    return config, model
+
+
+def checkpoint_score(run_dir, trial_id, data, objective, batch_size):
+    """`objective` on `data`'s validation split of a trial's saved best-epoch weights."""
+    config, model = checkpoint_model(run_dir, trial_id, data.num_classes)
     images = make_dataset(data.x_val, None, config.resolution, get_backbone(config.backbone).preprocess_input,
                           batch_size)
     return validation_score(objective, data.y_val, model.predict(images, verbose=0).argmax(axis=1))
