@@ -7,15 +7,14 @@ the backbone's input resolution and preprocessed, so peak memory depends on the 
 size, not on the resolution or the dataset size.
 """
 
-import os
-
 import numpy as np
 import tensorflow as tf
 
+from common.cpus import usable_cpus
 from common.errors import UsageError
 
 # Each map of a pipeline runs on this many threads and keeps this many batches ready.
-MAP_THREADS = os.cpu_count() or 1
+MAP_THREADS = usable_cpus()
 BATCHES_AHEAD = 2
 
 # Flips are searchable: they help photos and clothes, and hurt digits and text.

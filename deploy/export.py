@@ -28,7 +28,6 @@ figure in `export/exports.json`, `metrics.json` and the command's output.
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import atomic, native_output
+from common.cpus import usable_cpus
 from common.errors import UsageError
 from common.paths import file_sha256
 from data_pipeline.images import decode_batch
@@ -307,7 +307,7 @@ def score_artifacts(paths, dataset, keras_accuracy, settings, log=print):
             "test_accuracy": accuracy, "drop_pp": drop,
         }
     # One fresh process per thread count and input kind; each artifact gets the input it takes.
-    threads = {"1_thread": 1, "all_threads": os.cpu_count()}
+    threads = {"1_thread": 1, "all_threads": usable_cpus()}
     kinds = {kind: [fmt for fmt, a in artifacts.items() if a.input_kind == kind]
              for kind in sorted({a.input_kind for a in artifacts.values()})}
     jobs = [(label, kind) for label in threads for kind in kinds]

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common import native_output
+from common.cpus import usable_cpus
 from common.errors import DataError
 
 LABELS_FILE = "labels.txt"
@@ -97,7 +98,7 @@ class LiteRtModel:
         from ai_edge_litert.interpreter import Interpreter
 
         with native_output.silenced():  # "Created TensorFlow Lite XNNPACK delegate for CPU."
-            self._interpreter = Interpreter(**model, num_threads=threads or os.cpu_count())
+            self._interpreter = Interpreter(**model, num_threads=threads or usable_cpus())
         (self.input,) = self._interpreter.get_input_details()
         self._output = self._interpreter.get_output_details()[0]
         self._batch = None

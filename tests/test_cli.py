@@ -21,8 +21,8 @@ SUBSTITUTIONS = {'"$CHIEF"': "chief", "$CHIEF": "chief", '"$RUN"': "/shared/run"
 
 
 def readme_command_lines():
-    """Every `python search.py ...` command written in the README, as argv lists."""
-    text = (ROOT / "README.md").read_text()
+    """Every `python search.py ...` command written in the README and docs/clusters.md, as argv lists."""
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "clusters.md").read_text()
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,17 @@ def test_an_exclusive_lock_makes_another_process_wait_and_dies_with_its_holder(t
     started = time.monotonic()
     with atomic.exclusive(lock):
         assert time.monotonic() - started < 5
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_only_the_cpus_a_process_may_run_on_are_counted():
+    """Under a CPU set (`taskset -c 0`, Slurm's or Kubernetes' CPU limits) the tool's thread
+    pools (tf.data maps, local workers, LiteRT) are sized to it, not to the machine."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from common.cpus import usable_cpus; print(usable_cpus())")
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert pinned.stdout.strip() == "1"
+    from common.cpus import usable_cpus
+
+    assert usable_cpus() == len(os.sched_getaffinity(0))

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.cpus import usable_cpus
+
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_GRACE_S = 15.0  # a worker the oracle told to stop has this long to exit by itself
 
@@ -88,7 +90,7 @@ class LocalWorkers:
         self.count, self.devices, self.gpu_note = assign_gpus(list(gpus), count, explicit)
         self.log = log
         self.oracle = free_local_address()
-        self.threads = max(1, (os.cpu_count() or 1) // self.count)
+        self.threads = max(1, usable_cpus() // self.count)
         self.processes = {}
         self.lost = {}
 
