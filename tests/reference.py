@@ -21,10 +21,11 @@ def mobilenet_inputs(images, resolution):
     return resized_rgb(images, resolution) / 127.5 - 1.0
 
 
-def trial_val_accuracies(run_dir, whole_validation=False):
-    """trial_id → validation accuracy of each completed trial's saved best-epoch weights,
-    predicted here on the search's validation split (MobileNetV2 backbones), or with
-    `whole_validation` on the retrain's (the whole split the search's is a slice of).
+def trial_val_accuracies(run_dir, whole_validation=False, trial_ids=None):
+    """trial_id → validation accuracy of each completed trial's saved best-epoch weights
+    (or only of `trial_ids`'), predicted here on the search's validation split (MobileNetV2
+    backbones), or with `whole_validation` on the retrain's (the whole split the search's
+    is a slice of).
 
     The split is the run's own (config.json's settings); the model is built from the
     trial's hyperparameters and its checkpoint loaded, so the figure does not come from
@@ -49,7 +50,7 @@ def trial_val_accuracies(run_dir, whole_validation=False):
     accuracies, models = {}, {}
     for trial_dir in sorted((run_dir / "tuner").glob("trial_*")):
         trial = json.loads((trial_dir / "trial.json").read_text())
-        if trial["status"] != "COMPLETED":
+        if trial["status"] != "COMPLETED" or (trial_ids is not None and trial["trial_id"] not in trial_ids):
             continue
         config = config_from_values(trial["hyperparameters"]["values"])
         assert config.backbone.startswith("mobilenet_v2"), config.backbone

@@ -204,7 +204,7 @@ def test_the_smoke_job_on_8px_digits_reaches_its_accuracy_floor(tmp_path):
     data = write_digits(tmp_path / "digits")
     run_dir = tmp_path / "run"
     result = run_cli("--profile", "smoke", "--data", data, "--run-dir", run_dir, "--formats", "tflite",
-                     "--time-budget", "60s")
+                     "--time-budget", "30s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "decided from the data: resolutions = 96" in result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())

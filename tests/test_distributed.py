@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from cli import ROOT, free_port, start_cli, wait_for
+from reference import assert_recorded_accuracies_are_the_checkpoints
 
 SEARCH = ("search", "--profile", "smoke", "--tuner", "random", "--train-subset", "300", "--val-subset", "100",
           "--resolutions", "32", "--unfrozen-blocks", "0,1", "--time-budget", "0")
@@ -76,29 +77,10 @@ def oracle_trials(run_dir):
     return trials
 
 
-def test_one_chief_two_workers_complete_one_search(tmp_path, processes):
-    run_dir = tmp_path / "run"
-    chief, workers = launch(processes, run_dir, free_port(), max_trials=6, workers=("w1", "w2"))
-    results = {name: processes.finish(p) for name, p in workers.items()}
-    results["chief"] = processes.finish(chief)
-    for name, (code, out) in results.items():
-        assert code == 0, f"{name}:\n{out[-3000:]}"
-    for name in workers:
-        assert f"worker {name}: the chief has no trial left for it; its search is over" in results[name][1]
-    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
-    assert len(board) == 6 and board["trial_id"].is_unique
-    assert set(board["worker"]) == {"w1", "w2"}
-    assert (board["retried"] == "").all()
-    trials = oracle_trials(run_dir)
-    assert set(trials) == set(board["trial_id"])
-    for row in board.itertuples():
-        assert row.status == trials[row.trial_id]["status"] == "COMPLETED"
-        assert row.val_accuracy == pytest.approx(trials[row.trial_id]["score"])
-    best = json.loads((run_dir / "best_hparams.json").read_text())
-    assert best["val_accuracy"] == pytest.approx(board["val_accuracy"].max())
-
-
-def test_a_killed_workers_trial_runs_again_on_the_other_worker(tmp_path, processes):
+def test_a_chief_and_two_workers_share_a_search_and_a_killed_workers_trial_runs_again(tmp_path, processes):
+    """A chief and two workers on 127.0.0.1; w1 is killed mid-trial: after --worker-timeout
+    of silence the chief takes it for lost, the trial runs again on w2, and the search ends
+    with every trial completed once."""
     run_dir = tmp_path / "run"
     chief, workers = launch(processes, run_dir, free_port(), max_trials=4, workers=("w1", "w2"), worker_timeout="8s")
 
@@ -113,10 +95,14 @@ def test_a_killed_workers_trial_runs_again_on_the_other_worker(tmp_path, process
     os.killpg(workers["w1"].pid, signal.SIGKILL)
     code, out = processes.finish(workers["w2"])
     assert code == 0, out[-3000:]
+    assert "worker w2: the chief has no trial left for it; its search is over" in out
     code, chief_out = processes.finish(chief)
     assert code == 0, chief_out[-3000:]
     assert f"trial {killed_trial}: worker w1 stopped reporting for" in chief_out
     board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}, keep_default_na=False)
+    assert board["trial_id"].is_unique and set(board["worker"]) == {"w1", "w2"}
+    assert set(oracle_trials(run_dir)) == set(board["trial_id"])
+    assert_recorded_accuracies_are_the_checkpoints(run_dir, board)
     board = board.set_index("trial_id")
     assert len(board) == 4 and (board["status"] == "COMPLETED").all(), board[["status", "worker", "error"]]
     assert board.loc[killed_trial, "worker"] == "w2"
@@ -124,9 +110,11 @@ def test_a_killed_workers_trial_runs_again_on_the_other_worker(tmp_path, process
     assert (board.drop(index=killed_trial)["retried"] == "").all()
 
 
-def test_a_killed_chief_resumes_with_every_ended_trial_kept(tmp_path, processes):
-    """kill -9 the chief of `--workers 2` mid-search: its workers exit, saying why; the same
-    command resumes the search, keeping every trial that had ended."""
+def test_local_workers_share_a_search_and_a_killed_chief_resumes_it_keeping_every_ended_trial(tmp_path, processes):
+    """`--workers 2`: this process serves the oracle on 127.0.0.1 and two worker processes
+    it started train the trials. kill -9 it mid-search: its workers exit, saying why; the
+    same command resumes the search, keeping every trial that had ended, and ends with the
+    usual results."""
     run_dir = tmp_path / "run"
     command = (*SEARCH, "--run-dir", run_dir, "--max-trials", "4", "--workers", "2")
     first = processes.start(*command)
@@ -151,8 +139,14 @@ def test_a_killed_chief_resumes_with_every_ended_trial_kept(tmp_path, processes)
 
     code, out = processes.finish(processes.start(*command))
     assert code == 0, out[-3000:]
-    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
+    assert re.search(r"2 local workers \(\d+ threads? each\) ask the oracle at 127\.0\.0\.1:\d+", out), out[-3000:]
+    assert "Best val_accuracy So Far" not in out  # KerasTuner's own display stays quiet on workers
+    # No process (chief or worker) prints TensorFlow's native start-up lines.
+    assert not TENSORFLOW_NATIVE_LINES.search(out), TENSORFLOW_NATIVE_LINES.search(out).group(0)
+    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == 4 and (board["status"] == "COMPLETED").all(), board[["status", "error"]]
+    assert set(board["worker"]) == {"local-1", "local-2"} and set(oracle_trials(run_dir)) == set(board["trial_id"])
+    assert_recorded_accuracies_are_the_checkpoints(run_dir, board)
     for trial_id, record in before.items():  # kept, not run again
         assert (run_dir / "trials" / f"{trial_id}.json").read_text() == record
 
@@ -243,25 +237,6 @@ def test_a_trial_trains_under_mirrored_strategy_on_two_logical_cpus(tmp_path):
                             text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "MIRRORED OK" in result.stdout
-
-
-def test_local_workers_share_one_search_and_the_job_goes_on_alone(tmp_path, processes):
-    """`--workers 2`: this process serves the oracle on 127.0.0.1, two worker processes
-    it started train the trials, and the command ends with the usual results."""
-    run_dir = tmp_path / "run"
-    search = processes.start(*SEARCH, "--run-dir", run_dir, "--max-trials", "4", "--workers", "2")
-    code, out = processes.finish(search)
-    assert code == 0, out[-3000:]
-    assert re.search(r"2 local workers \(\d+ threads? each\) ask the oracle at 127\.0\.0\.1:\d+", out), out[-3000:]
-    board = pd.read_csv(run_dir / "leaderboard.csv", dtype={"trial_id": str})
-    assert len(board) == 4 and (board["status"] == "COMPLETED").all()
-    assert set(board["worker"]) == {"local-1", "local-2"}
-    assert set(oracle_trials(run_dir)) == set(board["trial_id"])
-    best = json.loads((run_dir / "best_hparams.json").read_text())
-    assert best["val_accuracy"] == pytest.approx(board["val_accuracy"].max())
-    assert "Best val_accuracy So Far" not in out  # KerasTuner's own display stays quiet on workers
-    # No process (chief or worker) prints TensorFlow's native start-up lines.
-    assert not TENSORFLOW_NATIVE_LINES.search(out), TENSORFLOW_NATIVE_LINES.search(out).group(0)
 
 
 def test_local_workers_do_not_go_with_a_distributed_role(tmp_path):

@@ -26,7 +26,7 @@ def folder_job(tmp_path_factory):
         shutil.copy(photo, root / CLASSES[i % len(CLASSES)] / f"real_{photo.name}")
     run_dir = tmp_path_factory.mktemp("run") / "r"
     result = run_cli("--profile", "smoke", "--data", root, "--run-dir", run_dir, "--unfrozen-blocks", "0,2",
-                     "--time-budget", "30s", "--retrain-subset", "0", timeout=900)
+                     "--resolutions", "96", "--time-budget", "30s", "--retrain-subset", "0", timeout=900)
     return root, run_dir, result
 
 
@@ -42,8 +42,9 @@ def test_whole_job_on_an_image_folder(folder_job):
     majority = test["label"].value_counts().max() / len(test)
     assert metrics["test_accuracy"] > majority + 0.1, (metrics["test_accuracy"], majority)
     config = json.loads((run_dir / "config.json").read_text())
-    # A 3×3 final feature map, and the smoke ladder's top, which a hundred images afford.
-    assert config["settings"]["choices"]["resolutions"] == [96, 224]
+    # The flag wins over the size the data would decide (tests/test_data_decisions.py).
+    assert config["settings"]["choices"]["resolutions"] == [96]
+    assert "resolutions" not in {d["setting"] for d in config["decisions"]}
     # The misclassified grid is there exactly when test files are misclassified, counted
     # here from the export's own predictions on the raw files (±1: a near tie).
     wrong = int(np.sum(export_classes(root, run_dir, test["path"]) != test["label"].to_numpy()))
