@@ -49,11 +49,12 @@ The shims:
 13. `requeue_trial`: hands a running trial back to the oracle's retry queue
    (`Oracle._retry_queue`, which `create_trial` serves before any new trial), so the
    trial of a worker that died runs again on another worker.
-14. `running_trials`, `waiting_workers`, `ended_trial_ids`: the oracle's undocumented
-   bookkeeping (`Oracle.ongoing_trials`, `tuner_ids`, `end_order`): which worker runs
-   which trial, the workers a distributed chief waits for before it ends the search
-   (a worker kept there waits with the others; one dropped is no longer waited for),
-   and the order trials ended in.
+14. `running_trials`, `waiting_workers`, `ended_trial_ids`, `started_trial_ids`: the
+   oracle's undocumented bookkeeping (`Oracle.ongoing_trials`, `tuner_ids`, `end_order`,
+   `start_order`): which worker runs which trial, the workers a distributed chief waits
+   for before it ends the search (a worker kept there waits with the others; one dropped
+   is no longer waited for), and the orders trials ended and started in (both saved in
+   oracle.json).
 15. `proposal_undone`: `Oracle.get_state` / `set_state` restore every effect of a
    `populate_space` call (Hyperband's bracket bookkeeping, the random state, the tried
    values), so a proposal the time budget cannot afford is taken back as if never made.
@@ -325,7 +326,7 @@ def requeue_trial(oracle, tuner_id):
 
 # 14.
 _probe_oracle = kt.Oracle(objective="val_loss", max_trials=1)
-for _name in ("ongoing_trials", "tuner_ids", "end_order"):
+for _name in ("ongoing_trials", "tuner_ids", "end_order", "start_order"):
     _require(_probe_oracle, _name)
 
 
@@ -342,6 +343,11 @@ def waiting_workers(oracle):
 def ended_trial_ids(oracle):
     """The ids of the ended trials, in the order they ended."""
     return oracle.end_order
+
+
+def started_trial_ids(oracle):
+    """The ids of the trials handed out, in the order they started."""
+    return oracle.start_order
 
 
 # 15.

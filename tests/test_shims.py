@@ -385,6 +385,46 @@ def test_a_completed_trial_resets_the_consecutive_failure_count(budgeted_oracle)
     assert oracle.stop_reason
 
 
+class ChiefKilled(BaseException):
+    """The chief's process ends here (kill -9), mid-call."""
+
+
+def test_a_trial_the_saved_oracle_never_started_is_forgotten_when_it_reloads(tmp_path, monkeypatch):
+    """A chief killed between KerasTuner's writing a new trial's trial.json and its
+    oracle.json (shims.started_trial_ids): resumed, the search gives that trial id again
+    and ends with max_trials trials, every one run (the ghost used to end the search with
+    a trial RUNNING that no worker ran)."""
+    from tuning.oracle import RandomSearchOracle
+
+    def chief():
+        oracle = RandomSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=3, seed=1)
+        hp = kt.HyperParameters()
+        hp.Float("x", 0, 1)
+        oracle.update_space(hp)
+        oracle._set_project_dir(str(tmp_path), "p")
+        return oracle
+
+    first = chief()
+    end_trials(first, ["COMPLETED"])
+
+    def killed():
+        raise ChiefKilled
+
+    monkeypatch.setattr(first, "save", killed)
+    with pytest.raises(ChiefKilled):
+        first.create_trial("tuner0")
+    assert json.loads((tmp_path / "p" / "trial_1" / "trial.json").read_text())["status"] == "RUNNING"
+
+    resumed = chief()
+    resumed.reload()
+    assert set(resumed.trials) == {"0"}
+    assert shims.started_trial_ids(resumed) == ["0"]
+    end_trials(resumed, ["COMPLETED", "COMPLETED"])
+    assert sorted(resumed.trials) == ["0", "1", "2"]
+    assert all(trial.status == "COMPLETED" for trial in resumed.trials.values())
+    assert resumed.create_trial("tuner0").status == "STOPPED"
+
+
 # hide_failed_trial_tracebacks --------------------------------------------------------
 
 

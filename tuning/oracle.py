@@ -187,6 +187,16 @@ class BudgetedOracleMixin:
         state["lost_runs"] = {k: list(v) for k, v in self._lost_runs.items()}
         return state
 
+    def reload(self):
+        super().reload()
+        # KerasTuner writes a new trial's trial.json, then oracle.json: a chief killed in
+        # between leaves a trial the saved search never started (no worker is given it
+        # again, yet it counts towards max_trials). It is forgotten, as if never proposed:
+        # the saved random state proposes it again.
+        started = set(shims.started_trial_ids(self))
+        for trial_id in [t for t in self.trials if t not in started]:
+            del self.trials[trial_id]
+
     def set_state(self, state):
         super().set_state(state)
         # KerasTuner saves oracle.json in `end_trial` before it takes the trial off the
