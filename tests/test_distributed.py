@@ -16,10 +16,10 @@ from reference import assert_recorded_accuracies_are_the_checkpoints
 
 SEARCH = ("search", "--profile", "smoke", "--tuner", "random", "--train-subset", "300", "--val-subset", "100",
           "--resolutions", "32", "--unfrozen-blocks", "0,1", "--time-budget", "0")
-# Trials of about 20 s on an idle 2-core AVX-512 machine (10 s with one round), several
-# times the 5 s worker timeout below: a 96 px MobileNetV2 fine-tuned end to end (no
-# feature cache), two of the smoke profile's 2 000-image rounds.
-LONG_TRIALS = ("search", "--profile", "smoke", "--tuner", "random", "--max-trials", "2", "--max-epochs", "2",
+# Trials of about 10 s a round on an idle 2-core AVX-512 machine, several times the
+# worker timeouts below: a 96 px MobileNetV2 fine-tuned end to end (no feature cache),
+# rounds of the smoke profile's 2 000 images.
+LONG_TRIALS = ("search", "--profile", "smoke", "--tuner", "random", "--max-trials", "2",
                "--train-subset", "600", "--val-subset", "100", "--resolutions", "96", "--unfrozen-blocks", "17",
                "--backbones", "mobilenet_v2_0.35", "--no-feature-cache", "--time-budget", "0")
 TEST_DEADLINE_S = 600  # every process a test starts is ended by then, well before pytest's --timeout
@@ -151,9 +151,10 @@ def test_local_workers_share_a_search_and_a_killed_chief_resumes_it_keeping_ever
         assert (run_dir / "trials" / f"{trial_id}.json").read_text() == record
 
 
-def long_trial_search(processes, run_dir, *flags):
-    """`--workers 2` on trials that each take several times `--worker-timeout 5s`."""
-    return processes.start(*LONG_TRIALS, "--run-dir", run_dir, "--workers", "2", "--worker-timeout", "5s", *flags)
+def long_trial_search(processes, run_dir, *flags, rounds=2, worker_timeout="5s"):
+    """`--workers 2` on trials of `rounds` rounds that each take several times `worker_timeout`."""
+    return processes.start(*LONG_TRIALS, "--run-dir", run_dir, "--workers", "2", "--max-epochs", str(rounds),
+                           "--worker-timeout", worker_timeout, *flags)
 
 
 def finished_board(processes, search, run_dir):
@@ -193,7 +194,9 @@ def test_heartbeats_keep_long_trials_and_a_killed_local_workers_trial_runs_again
 
 def test_without_heartbeats_trials_longer_than_the_worker_timeout_are_lost(tmp_path, processes):
     run_dir = tmp_path / "run"
-    code, out, board = finished_board(processes, long_trial_search(processes, run_dir, "--heartbeat", "0"), run_dir)
+    # One round a trial (about 10 s idle) is enough to outlast a 3 s timeout.
+    search = long_trial_search(processes, run_dir, "--heartbeat", "0", rounds=1, worker_timeout="3s")
+    code, out, board = finished_board(processes, search, run_dir)
     assert len(board) == 2, board[["status", "error"]]
     # Every trial's first run is taken for lost and runs again. Whether the rerun is lost
     # too, or a late result of either run ends the trial first (the first result wins),
