@@ -93,12 +93,10 @@ def smoke_job(tmp_path_factory):
 def pytest_collection_modifyitems(items):
     """With pytest-xdist's `--dist loadgroup` (pytest.ini), each worker process runs whole
     groups: the tests that read the shared smoke job together (it is set up once), every
-    other file's tests together (their module fixtures are set up once). The smoke job's
-    group, the longest, is handed out first."""
+    other file's tests together (their module fixtures are set up once)."""
     for item in items:
         group = "smoke_job" if "smoke_job" in item.fixturenames else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: "smoke_job" not in item.fixturenames)  # stable: files keep their order
 
 
 def pytest_configure(config):
