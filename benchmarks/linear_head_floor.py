@@ -6,7 +6,7 @@ its weights (how the converter stores a Dense layer) leaves of it.
 For each dataset: MobileNetV2 α 0.5's frozen pooled features at the dataset's side, a
 validation split carved from train (Fashion-MNIST: a 3 000/1 000 slice, and its first
 2 000 test images), and for each floor (`hypermodel.linear_head.SPREAD_FLOOR`, a share of
-the median feature's spread) the head the tool would fit: C chosen on validation. Test
+the median feature's spread) a linear head fitted cold at each C, C chosen on validation. Test
 accuracy in float and with the kernel rounded per class to int8. One JSON line each, then
 a summary line with the CPU. The suite's datasets are built by `benchmarks/suite.py
 --build-only` (in ~/.cache/transfer-tuner/suite).

@@ -342,8 +342,8 @@ def test_the_linear_head_is_the_logistic_regression_of_the_pooled_features(digit
     # The Keras model predicts as scikit-learn's logistic regression at the chosen C, of the
     # features each divided by its spread, but by no less than the median feature's spread.
     features = pooled_features(model, config, data.x_train, 64)
-    spread = features.std(axis=0)
-    scale = FunctionTransformer(lambda f: (f - features.mean(axis=0)) / np.maximum(spread, np.median(spread)))
+    mean, spread = features.mean(axis=0), features.std(axis=0)
+    scale = FunctionTransformer(lambda f: (f - mean) / np.maximum(spread, np.median(spread)))
     reference = make_pipeline(scale, LogisticRegression(C=record["inverse_l2"], max_iter=2000))
     reference.fit(features, data.y_train)
     val_features = pooled_features(model, config, data.x_val, 64)
