@@ -61,6 +61,10 @@ The shims:
 16. `IdleAskPauseMixin`: `BaseTuner.search` calls the undocumented `pre_create_trial`
    before each ask for a trial; a worker the oracle answers IDLE asks again at once,
    flooding the chief, unless this hook pauses it.
+17. `tflite_converter`: `TFLiteConverter.from_concrete_functions` writes the function to a
+   temporary SavedModel and converts that (`experimental_lower_to_saved_model`, on by
+   default and undocumented); freezing the function directly gives the same file without
+   writing every weight to disk and reading it back (7x faster on a MobileNetV2).
 """
 
 import copy
@@ -386,3 +390,13 @@ class IdleAskPauseMixin:
     def on_trial_begin(self, trial):
         self._asked_without_trial = False
         super().on_trial_begin(trial)
+
+
+# 17.
+def tflite_converter(function, trackable):
+    """A `tf.lite.TFLiteConverter` for `function` (a `tf.function` with an input
+    signature) over `trackable`'s variables, which it freezes without a SavedModel."""
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], trackable)
+    _require(converter, "experimental_lower_to_saved_model")
+    converter.experimental_lower_to_saved_model = False
+    return converter

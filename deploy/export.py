@@ -28,14 +28,13 @@ figure in `export/exports.json`, `metrics.json` and the command's output.
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, native_output
+from common import atomic, native_output, shims
 from common.cpus import usable_cpus
 from common.errors import UsageError
 from common.paths import file_sha256
@@ -153,13 +152,13 @@ def _tflite_input_spec(pixel_size):
     return tf.TensorSpec([None, pixel_size, pixel_size, 3], tf.uint8, name="pixels")
 
 
-def convert(saved_model_dir, fmt, calibration=None):
-    """A SavedModel (one signature, uint8 input) → `.tflite` bytes in format `fmt`.
+def convert(function, model, fmt, calibration=None):
+    """`function` (one uint8 input, over `model`'s weights) → `.tflite` bytes in format `fmt`.
 
     Args:
         calibration: uint8 raw inputs for `tflite-int8`'s activation ranges.
     """
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    converter = shims.tflite_converter(function, model)
     if fmt == "tflite-fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
@@ -269,9 +268,7 @@ def int8_tuned_model(run_dir, config, preprocess_input, tta, storage_size, setti
 
 def converted(function, model, formats, calibration=None):
     """{format: `.tflite` bytes} of `function` (raw uint8 in, over `model`)."""
-    with tempfile.TemporaryDirectory() as source:
-        _write_saved_model(model, function, source)
-        return {fmt: convert(source, fmt, calibration) for fmt in formats}
+    return {fmt: convert(function, model, fmt, calibration) for fmt in formats}
 
 
 def _write_saved_model(model, function, directory):

@@ -665,3 +665,38 @@ def test_keras_tuners_search_loop_calls_pre_create_trial_before_each_ask(tmp_pat
     tuner.search(x, y, validation_data=(x, y), epochs=1, verbose=0)
     assert len(asks) == 3  # two trials, and the ask that found the search over
     assert tuner._asked_without_trial  # the last ask got no trial: the next would pause
+
+
+# 17. tflite_converter ------------------------------------------------------------------
+
+
+def test_a_concrete_function_is_converted_through_a_temporary_saved_model_unless_the_shim_freezes_it(monkeypatch):
+    import tempfile
+
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, kernel_initializer="ones", bias_initializer="ones")(inputs))
+    function = tf.function(lambda x: {"y": model(tf.cast(x, tf.float32))},
+                           input_signature=[tf.TensorSpec([None, 3], tf.uint8)])
+    made = []
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(mkdtemp(*a, **k)) or made[-1])
+
+    outputs = {}
+    for route, converter in (("lowered", lambda: tf.lite.TFLiteConverter.from_concrete_functions(
+                                  [function.get_concrete_function()], model)),
+                             ("frozen", lambda: shims.tflite_converter(function, model))):
+        made.clear()
+        converted = converter().convert()
+        outputs[route] = len(made)
+    assert outputs["lowered"] >= 1  # TensorFlow's default writes a SavedModel first
+    assert outputs["frozen"] == 0
+    interpreter = Interpreter(model_content=converted)  # the frozen file computes the model
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], [1, 3])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], np.array([[1, 2, 3]], np.uint8))
+    interpreter.invoke()
+    np.testing.assert_array_equal(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]),
+                                  [[7.0, 7.0]])  # 1 + 2 + 3 + bias 1
