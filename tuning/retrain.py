@@ -26,6 +26,8 @@ from common import atomic
 from common.errors import DataError, UsageError, UserError
 from data_pipeline.pipeline import flip_images, make_dataset
 from data_pipeline.splits import class_weights, objective_for, with_validation_merged
+from deploy.export import TFLITE_FILES
+from deploy.int8_tuning import TUNING_IMAGES
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import EpochProgress, FitToDeadline
 from hypermodel.linear_head import INVERSE_L2, fit_linear_head, remember_merged_features
@@ -35,17 +37,37 @@ from hypermodel.training import epochs_that_fit, train
 from tuning import report
 from tuning.finalists import rescore_finalists
 
-# After phase 2: TTA check, test evaluation, the exports (converted, the int8 top tuned, each
-# scored on the test split and timed), report. Most of it scales with the test split: the
-# default job's 10 000 test images took ~170 s of exports (RESULTS.md §8); the rest is
-# fixed (the latency processes, conversions).
+# After phase 2: the TTA check, the test evaluation, the exports (converted, the int8 top
+# tuned, each scored on the test split and timed) and the report. Their fixed part (loading,
+# conversions, the latency processes) took 53-58 s on the suite's small sets (RESULTS.md
+# §10); the rest is inference, which phase 2's timing measures for this model on this
+# machine. Until it is timed, the 96 px default job's rate per test image stands in.
 FINISH_FIXED_S = 60
 FINISH_S_PER_TEST_IMAGE = 0.027
+# LiteRT and the SavedModel pass the images at other speeds than Keras' validation does.
+FINISH_MARGIN = 1.5
 
 
-def finish_reserve_s(test_images):
-    """Seconds to keep after phase 2 for the test evaluation, the exports and the report."""
-    return round(FINISH_FIXED_S + FINISH_S_PER_TEST_IMAGE * test_images)
+def finish_reserve_s(test_images, seconds_per_image=None, images=None):
+    """Seconds to keep after phase 2 for the test evaluation, the exports and the report.
+
+    Args:
+        test_images: The test split's size (the estimate before inference is timed).
+        seconds_per_image: The model's inference time per image, timed on this machine;
+            `images` is then how many the finish passes (`finish_images`).
+    """
+    if seconds_per_image is None:
+        return round(FINISH_FIXED_S + FINISH_S_PER_TEST_IMAGE * test_images)
+    return round(FINISH_FIXED_S + FINISH_MARGIN * seconds_per_image * images)
+
+
+def finish_images(test_images, train_images, validation_images, formats):
+    """Images the finish passes through the model, each with its mirror (flip TTA is
+    decided after phase 2): the validation split for the TTA check, the test split in
+    Keras and once per exported format, and the int8 top's tuning images."""
+    exported = sum(fmt in formats for fmt in ("savedmodel", *TFLITE_FILES))
+    tuning = min(TUNING_IMAGES, train_images) + validation_images if "tflite-int8" in formats else 0
+    return 2 * (validation_images + test_images * (1 + exported) + tuning)
 
 # A phase trains on at least this many images, however small the dataset: on 300 images
 # a pass is 5 steps, which teaches a new head nothing.
@@ -213,6 +235,7 @@ class Phases:
     def __init__(self, run_dir, settings, config, best, feature_cache, deadline, test_images, log):
         self.run_dir, self.settings, self.config, self.best = run_dir, settings, config, best
         self.feature_cache, self.deadline, self.log = feature_cache, deadline, log
+        self.test_images = test_images
         self.reserve = finish_reserve_s(test_images)
         self.phase1_seconds = 0.0
         # A linear head is fitted on a fresh pretrained backbone's pooled features: the same
@@ -396,13 +419,24 @@ class Phases:
             return self._capped_plan(lengths, finish_by, left)
         fitted = epochs_that_fit(finish_by, model, config, data, self.settings.batch_size, self.settings.seed,
                                  **regularisation)
+        fitted, finish_by = self._with_timed_reserve(fitted, data)
         # The deadline is what limits the result: the schedule decays over exactly these
         # epochs, so run them all (augmented validation accuracy dips early on), keep the best.
         epochs = fitted.epochs
         plan = {"plan": {**fitted.to_dict(), "finish_reserve_s": self.reserve}}
         self.log(f"  phase2 plan, timed on this machine: {fitted.reasoning()} before the job's deadline "
-                 f"(less {self.reserve} s for test and export{self._refit_note()})")
+                 f"(less {self.reserve} s for test and export, at this model's timed speed{self._refit_note()})")
         return epochs, epochs, plan, FitToDeadline(finish_by, planned_epoch_s=fitted.epoch_s, log=self.log)
+
+    def _with_timed_reserve(self, plan, data):
+        """`plan` and its deadline refitted to the finish's reserve at the inference speed
+        its validation passes measured: this model on this machine, not the default job's."""
+        seconds_per_image = (plan.validation_s - plan.overhead_s) / len(data.y_val)
+        images = finish_images(self.test_images, len(data.y_train), len(data.y_val), self.settings.formats)
+        self.reserve = finish_reserve_s(self.test_images, seconds_per_image, images)
+        now = time.time()
+        left = self.phase2_seconds_left(data, now)
+        return dataclasses.replace(plan, epochs=max(1, int(left // plan.epoch_s)), seconds_left=left), now + left
 
     def phase2_seconds_left(self, data, now=None):
         """Seconds phase 2 may train from `now` (infinite without a deadline)."""
