@@ -69,6 +69,7 @@ def finish_images(test_images, train_images, validation_images, formats):
     tuning = min(TUNING_IMAGES, train_images) + validation_images if "tflite-int8" in formats else 0
     return 2 * (validation_images + test_images * (1 + exported) + tuning)
 
+
 # A phase trains on at least this many images, however small the dataset: on 300 images
 # a pass is 5 steps, which teaches a new head nothing.
 PHASE_MIN_IMAGES = 20_000
