@@ -26,7 +26,6 @@ from common import atomic
 from common.errors import DataError, UsageError, UserError
 from data_pipeline.pipeline import flip_images, make_dataset
 from data_pipeline.splits import class_weights, objective_for, with_validation_merged
-from deploy.export import TFLITE_FILES
 from deploy.int8_tuning import TUNING_IMAGES
 from hypermodel.backbones import get_backbone
 from hypermodel.callbacks import EpochProgress, FitToDeadline
@@ -65,7 +64,7 @@ def finish_images(test_images, train_images, validation_images, formats):
     """Images the finish passes through the model, each with its mirror (flip TTA is
     decided after phase 2): the validation split for the TTA check, the test split in
     Keras and once per exported format, and the int8 top's tuning images."""
-    exported = sum(fmt in formats for fmt in ("savedmodel", *TFLITE_FILES))
+    exported = len(set(formats))  # validated export formats
     tuning = min(TUNING_IMAGES, train_images) + validation_images if "tflite-int8" in formats else 0
     return 2 * (validation_images + test_images * (1 + exported) + tuning)
 
